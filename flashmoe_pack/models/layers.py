@@ -1,0 +1,216 @@
+"""Shared building blocks of the model files: small pure functions over plain tensors.
+
+Shapes use T = new tokens, S = tokens in the KV cache, H = hidden size, D = head dim.
+Everything runs in the dtype of its inputs (the resident weights' dtype), except where
+transformers computes in fp32 (norms, softmax, the delta rule); we do the same there so
+that fp32 runs agree with transformers to rounding and bf16 runs round the same way.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# ---------------------------------------------------------------------------------------- norms
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """Qwen3.5 RMSNorm: weights are stored zero-centred, so the scale is (1 + weight).
+
+    Normalizes and scales in fp32, then casts back to x's dtype (as transformers does).
+    """
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (xf * (1.0 + weight.float())).to(x.dtype)
+
+
+def gated_rms_norm(x: Tensor, gate: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """RMSNorm(x) * weight * silu(gate) over the last dim; the plain weight here is not zero-centred."""
+    xf = x.float()
+    normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return ((weight * normed) * F.silu(gate.float())).to(x.dtype)
+
+
+def l2_normalize(x: Tensor, eps: float = 1e-6) -> Tensor:
+    """x / sqrt(sum(x^2) + eps) over the last dim (the FLA library's convention)."""
+    return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps)
+
+
+# ----------------------------------------------------------------------------------------- rope
+
+
+def rope_inv_freq(rotary_dim: int, theta: float) -> Tensor:
+    """Inverse frequencies of standard RoPE over `rotary_dim` dims: fp32 [rotary_dim // 2]."""
+    return 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim))
+
+
+def rope_cos_sin(positions: Tensor, inv_freq: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos and sin tables [T, rotary_dim] for integer positions [T], computed in fp32, cast to dtype.
+
+    Qwen3.5's text mRoPE gives the t, h and w sections the same position for text tokens, so
+    whatever the section split (or its interleaving) it reduces to this plain RoPE.
+    """
+    freqs = positions.float()[:, None] * inv_freq.to(positions.device)[None, :]  # [T, rotary_dim // 2]
+    emb = torch.cat([freqs, freqs], dim=-1)  # [T, rotary_dim]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    """(x1, x2) -> (-x2, x1) over the two halves of the last dim."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_partial_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate the first cos.shape[-1] dims of x [T, heads, D]; the remaining dims pass through."""
+    rd = cos.shape[-1]
+    cos, sin = cos[:, None, :], sin[:, None, :]  # [T, 1, rd]: broadcast over heads
+    x_rot, x_pass = x[..., :rd], x[..., rd:]
+    return torch.cat([x_rot * cos + rotate_half(x_rot) * sin, x_pass], dim=-1)
+
+
+# ---------------------------------------------------------------------------- short convolution
+
+
+def causal_conv1d(x: Tensor, weight: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
+    """Depthwise causal conv over time with carried left context (no activation).
+
+    x [T, C], weight [C, W], state [C, W-1] = the last W-1 inputs seen so far (zeros at start).
+    Returns (out [T, C], new state [C, W-1]). One function serves prefill, continued prefill
+    and single-token decode, because the state is exactly the left padding a fresh conv would use.
+    """
+    width = weight.shape[-1]
+    full = torch.cat([state, x.transpose(0, 1).to(weight.dtype)], dim=-1)  # [C, W-1+T]
+    out = F.conv1d(full[None], weight[:, None, :], groups=weight.shape[0])[0]  # [C, T]
+    new_state = full[:, full.shape[-1] - (width - 1) :].clone()  # clone: do not pin `full`
+    return out.transpose(0, 1).to(x.dtype), new_state
+
+
+# ------------------------------------------------------------------------------ gated delta rule
+
+
+def delta_rule_recurrent(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, state: Tensor):
+    """Gated delta rule, one token at a time (the decode path).
+
+    q, k [Hv, T, Dk] (normalized), v [Hv, T, Dv], g (log decay) and beta [Hv, T], state [Hv, Dk, Dv],
+    all fp32. Per token: S = e^g S;  S += k (beta (v - S^T k))^T;  o = S^T q.
+    Returns (out [Hv, T, Dv], new state).
+    """
+    out = torch.empty_like(v)
+    for t in range(q.shape[1]):
+        state = state * g[:, t, None, None].exp()
+        k_t = k[:, t]  # [Hv, Dk]
+        predicted = torch.einsum("hkv,hk->hv", state, k_t)  # what the state already recalls for k_t
+        delta = (v[:, t] - predicted) * beta[:, t, None]  # [Hv, Dv]
+        state = state + k_t[:, :, None] * delta[:, None, :]
+        out[:, t] = torch.einsum("hkv,hk->hv", state, q[:, t])
+    return out, state
+
+
+def delta_rule_chunked(q, k, v, g, beta, state, chunk_size: int = 64):
+    """Gated delta rule over chunks of `chunk_size` tokens (the prefill path); same contract as
+    delta_rule_recurrent and the same result up to rounding.
+
+    Inside a chunk with cumulative log decay G_i = g_1 + ... + g_i, the corrections
+    u_i = beta_i (v_i - e^{G_i} k_i^T S_0 - sum_{j<i} e^{G_i - G_j} (k_i . k_j) u_j)
+    form a unit lower-triangular system (I + A) U = beta V - beta e^G K S_0, solved with one
+    triangular solve per chunk; outputs and the next state then follow by matmuls.
+    """
+    out = torch.empty_like(v)
+    n = q.shape[1]
+    for start in range(0, n, chunk_size):
+        sl = slice(start, min(start + chunk_size, n))
+        q_c, k_c, v_c, g_c, b_c = q[:, sl], k[:, sl], v[:, sl], g[:, sl], beta[:, sl]
+        c = q_c.shape[1]
+        cum = g_c.cumsum(-1)  # [Hv, c]
+        future = torch.ones(c, c, dtype=torch.bool, device=q.device).triu(1)
+        # decay[i, j] = e^{G_i - G_j} for j <= i; masked before exp because G_i - G_j > 0 when j > i
+        decay = (cum[:, :, None] - cum[:, None, :]).masked_fill(future, float("-inf")).exp()  # [Hv, c, c]
+        k_beta = k_c * b_c[..., None]  # [Hv, c, Dk]
+        system = ((k_beta @ k_c.mT) * decay).tril(-1) + torch.eye(c, dtype=q.dtype, device=q.device)
+        rhs = torch.cat([v_c * b_c[..., None], k_beta * cum.exp()[..., None]], dim=-1)
+        sol = torch.linalg.solve_triangular(system, rhs, upper=False, unitriangular=True)
+        u = sol[..., : v.shape[-1]] - sol[..., v.shape[-1] :] @ state  # [Hv, c, Dv]
+        attn = (q_c @ k_c.mT) * decay  # [Hv, c, c], diagonal included: o_i reads its own write
+        out[:, sl] = (q_c * cum.exp()[..., None]) @ state + attn @ u
+        last = cum[:, -1:]  # [Hv, 1]
+        k_tail = k_c * (last - cum).exp()[..., None]  # decay from each token to the chunk end
+        state = state * last.exp()[..., None] + k_tail.mT @ u
+    return out, state
+
+
+def gated_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, state: Tensor,
+                     chunk_size: int = 64) -> tuple[Tensor, Tensor]:
+    """Gated DeltaNet core for one sequence.
+
+    q, k [T, Hk, Dk]; v [T, Hv, Dv]; g (log decay, <= 0) and beta [T, Hv]; state fp32 [Hv, Dk, Dv].
+    Each key head serves Hv // Hk consecutive value heads. q and k are L2-normalized and q is
+    scaled by Dk^-0.5, all in fp32. Uses the recurrent form for T == 1 and the chunked form
+    otherwise (as transformers does). Returns (out fp32 [T, Hv, Dv], new state).
+    """
+    rep = v.shape[1] // k.shape[1]
+    q, k = (l2_normalize(x.float().repeat_interleave(rep, dim=1)) for x in (q, k))
+    q = q * q.shape[-1] ** -0.5
+    q, k, v = (x.transpose(0, 1).contiguous() for x in (q, k, v.float()))  # [Hv, T, D]
+    g, beta = g.float().transpose(0, 1), beta.float().transpose(0, 1)  # [Hv, T]
+    if q.shape[1] == 1:
+        out, state = delta_rule_recurrent(q, k, v, g, beta, state)
+    else:
+        out, state = delta_rule_chunked(q, k, v, g, beta, state, chunk_size)
+    return out.transpose(0, 1), state
+
+
+# ------------------------------------------------------------------------------------ attention
+
+
+class KVCache:
+    """Keys and values of one attention layer, [Hkv, S, D], in a buffer that grows by doubling."""
+
+    def __init__(self, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device, capacity: int = 256):
+        self.k = torch.empty(num_kv_heads, capacity, head_dim, dtype=dtype, device=device)
+        self.v = torch.empty_like(self.k)
+        self.length = 0
+
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Append k, v [Hkv, T, D]; return views of all cached keys and values [Hkv, S, D]."""
+        end = self.length + k.shape[1]
+        if end > self.k.shape[1]:
+            cap = max(end, 2 * self.k.shape[1])
+            for name in ("k", "v"):
+                old = getattr(self, name)
+                new = old.new_empty(old.shape[0], cap, old.shape[2])
+                new[:, : self.length] = old[:, : self.length]
+                setattr(self, name, new)
+        self.k[:, self.length : end] = k
+        self.v[:, self.length : end] = v
+        self.length = end
+        return self.k[:, :end], self.v[:, :end]
+
+    def clone(self) -> KVCache:
+        """Independent copy holding only the used part."""
+        other = KVCache.__new__(KVCache)
+        other.k, other.v = self.k[:, : self.length].clone(), self.v[:, : self.length].clone()
+        other.length = self.length
+        return other
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, past: int) -> Tensor:
+    """Causal GQA attention of T new queries over S = past + T cached keys.
+
+    q [Hq, T, D]; k, v [Hkv, S, D] with Hq a multiple of Hkv (query head h reads kv head h // (Hq/Hkv)).
+    Query i sits at position past + i and sees keys 0..past + i. Returns [Hq, T, D].
+    """
+    t, s = q.shape[1], k.shape[1]
+    mask = None
+    if t > 1:  # a single new token sees the whole cache, no mask needed
+        mask = torch.arange(s, device=q.device)[None, :] <= past + torch.arange(t, device=q.device)[:, None]
+    return F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, enable_gqa=True)[0]
+
+
+# ------------------------------------------------------------------------------------------ mlp
+
+
+def swiglu(x: Tensor, gate: Tensor, up: Tensor, down: Tensor) -> Tensor:
+    """down(silu(gate x) * up x): x [T, H], gate/up [I, H], down [H, I] -> [T, H]."""
+    return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)

@@ -1,0 +1,300 @@
+"""Qwen3.5-MoE text model (HF model_type "qwen3_5_moe" / "qwen3_5_moe_text") in plain torch.
+
+Layer i: x += mixer(rms_norm(x)); x += moe(rms_norm(x)). The mixer is Gated DeltaNet
+("linear_attention", a conv + recurrent state) or gated GQA ("full_attention", a KV cache),
+by config.layer_types. The MoE is a softmax top-K router over routed experts, which this class
+does not hold (they come from an `experts` object, e.g. a streaming store), plus a resident
+shared expert gated by a sigmoid.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from flashmoe_pack.models import register
+from flashmoe_pack.models.layers import (
+    KVCache, apply_partial_rope, attention, causal_conv1d, gated_delta_rule, gated_rms_norm, rms_norm,
+    rope_cos_sin, rope_inv_freq, swiglu,
+)
+
+
+@dataclass
+class Qwen35MoeConfig:
+    """Text-model hyperparameters; defaults are transformers' Qwen3_5MoeTextConfig defaults."""
+
+    vocab_size: int = 248320
+    hidden_size: int = 2048
+    num_hidden_layers: int = 40
+    num_attention_heads: int = 16
+    num_key_value_heads: int = 2
+    head_dim: int = 256
+    rms_norm_eps: float = 1e-6
+    hidden_act: str = "silu"
+    attention_bias: bool = False
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 32768
+    linear_conv_kernel_dim: int = 4
+    linear_key_head_dim: int = 128
+    linear_value_head_dim: int = 128
+    linear_num_key_heads: int = 16
+    linear_num_value_heads: int = 32
+    moe_intermediate_size: int = 512
+    shared_expert_intermediate_size: int = 512
+    num_experts: int = 256
+    num_experts_per_tok: int = 8
+    full_attention_interval: int = 4
+    layer_types: list[str] | None = None
+    rope_parameters: dict | None = None
+    rope_theta: float = 10000.0
+    partial_rotary_factor: float = 0.25
+    eos_token_id: int | list[int] | None = None
+    eos_token_ids: tuple[int, ...] = field(default=())  # derived from eos_token_id
+
+    def __post_init__(self):
+        n = self.num_hidden_layers
+        if self.layer_types is None:  # transformers' default: every `interval`-th layer is full attention
+            every = self.full_attention_interval
+            self.layer_types = [
+                "full_attention" if (i + 1) % every == 0 else "linear_attention" for i in range(n)
+            ]
+        bad = set(self.layer_types) - {"full_attention", "linear_attention"}
+        if len(self.layer_types) != n or bad:
+            raise ValueError(f"need {n} layer_types of full_attention|linear_attention: {self.layer_types}")
+        rope = self.rope_parameters or {}
+        if rope.get("rope_type", "default") != "default":
+            raise ValueError(f"unsupported rope_type {rope['rope_type']!r} (only 'default')")
+        self.rope_theta = float(rope.get("rope_theta", self.rope_theta))
+        self.partial_rotary_factor = float(rope.get("partial_rotary_factor", self.partial_rotary_factor))
+        if self.hidden_act != "silu":
+            raise ValueError(f"unsupported hidden_act {self.hidden_act!r} (only 'silu')")
+        if not 1 <= self.num_experts_per_tok <= self.num_experts:
+            raise ValueError(f"num_experts_per_tok={self.num_experts_per_tok} not in 1..{self.num_experts}")
+        eos = self.eos_token_id
+        self.eos_token_ids = tuple([eos] if isinstance(eos, int) else eos or self.eos_token_ids)
+
+    @property
+    def rotary_dim(self) -> int:
+        """Number of leading head dims that RoPE rotates."""
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @classmethod
+    def from_dict(cls, d: Mapping, **overrides) -> Qwen35MoeConfig:
+        """Build from a text config dict or a multimodal config.json (text part under "text_config").
+
+        Unknown keys are dropped; `overrides` (e.g. num_experts_per_tok=4) win over the file.
+        """
+        d = dict(d)
+        text = dict(d.get("text_config") or d)
+        for key in ("tie_word_embeddings", "eos_token_id"):  # multimodal files may keep these at the top
+            if key not in text and key in d:
+                text[key] = d[key]
+        names = {f.name for f in dataclasses.fields(cls)} - {"eos_token_ids"}
+        return cls(**{**{k: v for k, v in text.items() if k in names}, **overrides})
+
+
+class DenseExperts:
+    """Reference routed experts over full-precision tensors.
+
+    experts: {(layer, e): (gate [I, H], up [I, H], down [H, I])}.
+    """
+
+    def __init__(self, experts: Mapping[tuple[int, int], tuple[Tensor, Tensor, Tensor]]):
+        self.experts = experts
+
+    @classmethod
+    def from_hf(cls, weights: Mapping[str, Tensor], num_layers: int) -> DenseExperts:
+        """Split transformers' fused `mlp.experts.gate_up_proj` [E, 2I, H] and `down_proj` [E, H, I]."""
+        experts = {}
+        for i in range(num_layers):
+            gate_up = _get(weights, f"model.layers.{i}.mlp.experts.gate_up_proj")
+            down = _get(weights, f"model.layers.{i}.mlp.experts.down_proj")
+            inter = gate_up.shape[1] // 2
+            for e in range(gate_up.shape[0]):
+                experts[(i, e)] = (gate_up[e, :inter], gate_up[e, inter:], down[e])
+        return cls(experts)
+
+    def forward(self, layer: int, x: Tensor, ids: Tensor, weights: Tensor) -> Tensor:
+        """Sum over k of weights[t, k] * expert_{ids[t, k]}(x[t]): x [T, H], ids/weights [T, K] -> [T, H]."""
+        out = torch.zeros_like(x)
+        for e in ids.unique().tolist():
+            if (layer, e) not in self.experts:
+                raise KeyError(f"no weights for expert {e} of layer {layer}")
+            tok, slot = (ids == e).nonzero(as_tuple=True)
+            y = swiglu(x[tok], *self.experts[(layer, e)])  # [n, H]
+            out.index_add_(0, tok, y * weights[tok, slot, None].to(y.dtype))
+        return out
+
+
+@dataclass
+class Qwen35MoeState:
+    """Per-sequence state: KV caches of full-attention layers, conv and recurrent state of
+    linear-attention layers, and the number of tokens consumed (the next position)."""
+
+    pos: int
+    kv: dict[int, KVCache]
+    conv: dict[int, Tensor]  # [C, W-1] in the compute dtype
+    recurrent: dict[int, Tensor]  # [Hv, Dk, Dv] fp32
+
+    def clone(self) -> Qwen35MoeState:
+        """Snapshot for prefix reuse. KV caches are copied; conv/recurrent tensors are shared,
+        which is safe because forward replaces them instead of writing into them."""
+        kv = {i: c.clone() for i, c in self.kv.items()}
+        return Qwen35MoeState(self.pos, kv, dict(self.conv), dict(self.recurrent))
+
+
+def _get(weights: Mapping[str, Tensor], name: str) -> Tensor:
+    if name not in weights:
+        raise KeyError(f"missing tensor {name!r} in the Qwen3.5-MoE weights")
+    return weights[name]
+
+
+_NO_SECTION = contextlib.nullcontext()
+
+
+def _no_section(name: str, layer: int):
+    return _NO_SECTION
+
+
+_LINEAR = ["in_proj_qkv", "in_proj_z", "in_proj_a", "in_proj_b", "out_proj", "conv1d", "norm"]
+_LINEAR_PARAMS = ["A_log", "dt_bias"]
+_FULL = ["q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm"]
+_MLP = [f"shared_expert.{p}_proj" for p in ("gate", "up", "down")] + ["gate", "shared_expert_gate"]
+
+
+@register("qwen3_5_moe", "qwen3_5_moe_text")
+class Qwen35MoeModel:
+    """Qwen3.5-MoE text model over resident weights with HF names; routed experts via `experts`.
+
+    Computes in the dtype and on the device of the resident weights ("model.embed_tokens.weight").
+    """
+
+    config_class = Qwen35MoeConfig
+
+    def __init__(self, config: Qwen35MoeConfig, weights: Mapping[str, Tensor], experts):
+        self.config, self.experts = config, experts
+        c = config
+        self.embed = _get(weights, "model.embed_tokens.weight")  # [V, H]
+        self.dtype, self.device = self.embed.dtype, self.embed.device
+        if "lm_head.weight" in weights or not c.tie_word_embeddings:
+            self.lm_head = _get(weights, "lm_head.weight")
+        else:
+            self.lm_head = self.embed
+        self.final_norm = _get(weights, "model.norm.weight")
+        self.layers: list[dict[str, Tensor]] = []  # per layer: HF name below "model.layers.{i}." -> tensor
+        for i, kind in enumerate(c.layer_types):
+            names = ["input_layernorm.weight", "post_attention_layernorm.weight"]
+            names += [f"mlp.{m}.weight" for m in _MLP]
+            if kind == "linear_attention":
+                names += [f"linear_attn.{m}.weight" for m in _LINEAR]
+                names += [f"linear_attn.{p}" for p in _LINEAR_PARAMS]
+            else:
+                names += [f"self_attn.{m}.weight" for m in _FULL]
+                if c.attention_bias:
+                    names += [f"self_attn.{m}.bias" for m in ("q_proj", "k_proj", "v_proj", "o_proj")]
+            self.layers.append({n: _get(weights, f"model.layers.{i}.{n}") for n in names})
+        self.inv_freq = rope_inv_freq(c.rotary_dim, c.rope_theta).to(self.device)
+
+    def new_state(self) -> Qwen35MoeState:
+        """Empty state for a new sequence."""
+        c, dt, dev = self.config, self.dtype, self.device
+        kv, conv, rec = {}, {}, {}
+        key_dim = c.linear_num_key_heads * c.linear_key_head_dim
+        conv_dim = 2 * key_dim + c.linear_num_value_heads * c.linear_value_head_dim  # q, k, v channels
+        for i, kind in enumerate(c.layer_types):
+            if kind == "full_attention":
+                kv[i] = KVCache(c.num_key_value_heads, c.head_dim, dt, dev)
+            else:
+                conv[i] = torch.zeros(conv_dim, c.linear_conv_kernel_dim - 1, dtype=dt, device=dev)
+                rec[i] = torch.zeros(c.linear_num_value_heads, c.linear_key_head_dim, c.linear_value_head_dim,
+                                     dtype=torch.float32, device=dev)
+        return Qwen35MoeState(0, kv, conv, rec)
+
+    @torch.no_grad()
+    def forward(self, ids: Tensor, state: Qwen35MoeState, profiler=None) -> Tensor:
+        """Append tokens ids [T] to `state` (prefill, continued prefill or T=1 decode) and
+        return float32 logits [T, vocab]. `profiler.section(name, layer)` times the parts;
+        layer -1 is the embedding and the head."""
+        c = self.config
+        section = profiler.section if profiler is not None else _no_section
+        ids = ids.to(self.device)
+        with section("other", -1):
+            x = F.embedding(ids, self.embed)  # [T, H]
+            positions = torch.arange(state.pos, state.pos + ids.shape[0], device=self.device)
+            cos, sin = rope_cos_sin(positions, self.inv_freq, self.dtype)  # [T, rotary_dim]
+        for i, (kind, w) in enumerate(zip(c.layer_types, self.layers)):
+            with section("other", i):
+                h = rms_norm(x, w["input_layernorm.weight"], c.rms_norm_eps)  # [T, H]
+            if kind == "linear_attention":
+                with section("linear_attn", i):
+                    h = self._linear_attn(i, w, h, state)
+            else:
+                with section("full_attn", i):
+                    h = self._full_attn(i, w, h, cos, sin, state)
+            with section("other", i):
+                x = x + h
+                h = rms_norm(x, w["post_attention_layernorm.weight"], c.rms_norm_eps)  # [T, H]
+            with section("routing", i):
+                router_logits = F.linear(h, w["mlp.gate.weight"])  # [T, E]
+                probs = torch.softmax(router_logits.float(), dim=-1)
+                top_p, top_ids = probs.topk(c.num_experts_per_tok, dim=-1)  # [T, K]
+                top_p = (top_p / top_p.sum(-1, keepdim=True)).to(router_logits.dtype)
+            with section("experts", i):
+                routed = self.experts.forward(i, h, top_ids, top_p)  # [T, H]
+            with section("other", i):
+                shared = swiglu(h, *(w[f"mlp.shared_expert.{p}_proj.weight"] for p in ("gate", "up", "down")))
+                shared = torch.sigmoid(F.linear(h, w["mlp.shared_expert_gate.weight"])) * shared
+                x = x + (routed + shared)
+        state.pos += ids.shape[0]
+        with section("other", -1):
+            x = rms_norm(x, self.final_norm, c.rms_norm_eps)
+            return F.linear(x, self.lm_head).float()  # [T, V]
+
+    def _linear_attn(self, i: int, w: dict[str, Tensor], x: Tensor, state: Qwen35MoeState) -> Tensor:
+        """Gated DeltaNet: short causal conv over q/k/v, then the gated delta rule, gated norm, out proj."""
+        c, t = self.config, x.shape[0]
+        hk, hv = c.linear_num_key_heads, c.linear_num_value_heads
+        dk, dv = c.linear_key_head_dim, c.linear_value_head_dim
+        qkv = F.linear(x, w["linear_attn.in_proj_qkv.weight"])  # [T, 2*hk*dk + hv*dv]
+        z = F.linear(x, w["linear_attn.in_proj_z.weight"]).view(t, hv, dv)  # output gate
+        b = F.linear(x, w["linear_attn.in_proj_b.weight"])  # [T, hv]
+        a = F.linear(x, w["linear_attn.in_proj_a.weight"])  # [T, hv]
+        qkv, state.conv[i] = causal_conv1d(qkv, w["linear_attn.conv1d.weight"].squeeze(1), state.conv[i])
+        qkv = F.silu(qkv)
+        q, k, v = qkv.split([hk * dk, hk * dk, hv * dv], dim=-1)
+        beta = torch.sigmoid(b)  # [T, hv] write strength
+        # log decay g <= 0 [T, hv], in fp32 because exp(A_log) can overflow half precision
+        g = -w["linear_attn.A_log"].float().exp() * F.softplus(a.float() + w["linear_attn.dt_bias"])
+        core, state.recurrent[i] = gated_delta_rule(
+            q.view(t, hk, dk), k.view(t, hk, dk), v.view(t, hv, dv), g, beta, state.recurrent[i]
+        )  # [T, hv, dv] fp32
+        core = gated_rms_norm(core.to(x.dtype), z, w["linear_attn.norm.weight"], c.rms_norm_eps)
+        return F.linear(core.reshape(t, hv * dv), w["linear_attn.out_proj.weight"])  # [T, H]
+
+    def _full_attn(self, i: int, w: dict[str, Tensor], x: Tensor, cos: Tensor, sin: Tensor,
+                   state: Qwen35MoeState) -> Tensor:
+        """Gated GQA: per-head q/k RMSNorm, partial RoPE, causal attention, sigmoid output gate."""
+        c, t, d = self.config, x.shape[0], self.config.head_dim
+        hq, hkv = c.num_attention_heads, c.num_key_value_heads
+
+        def proj(name: str, inp: Tensor) -> Tensor:
+            return F.linear(inp, w[f"self_attn.{name}.weight"], w.get(f"self_attn.{name}.bias"))
+
+        # q_proj packs per head [query D | gate D]: [T, hq, D] each
+        q, gate = proj("q_proj", x).view(t, hq, 2 * d).chunk(2, dim=-1)
+        q = rms_norm(q, w["self_attn.q_norm.weight"], c.rms_norm_eps)
+        k = rms_norm(proj("k_proj", x).view(t, hkv, d), w["self_attn.k_norm.weight"], c.rms_norm_eps)
+        v = proj("v_proj", x).view(t, hkv, d)
+        q, k = apply_partial_rope(q, cos, sin), apply_partial_rope(k, cos, sin)
+        cache = state.kv[i]
+        past = cache.length
+        keys, values = cache.append(k.transpose(0, 1), v.transpose(0, 1))  # [hkv, S, D]
+        o = attention(q.transpose(0, 1), keys, values, past)  # [hq, T, D]
+        o = o.transpose(0, 1).reshape(t, hq * d) * torch.sigmoid(gate.reshape(t, hq * d))
+        return proj("o_proj", o)  # [T, H]
