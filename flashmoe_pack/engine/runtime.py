@@ -1,0 +1,214 @@
+"""Load a packed model and generate: the library API behind `flashmoe-pack run`.
+
+    m = flashmoe_pack.load("packed-dir", device="cpu", expert_cache="2GiB")
+    logits = m.logits(ids)                       # float32 [T, vocab], one prefill
+    for text in m.generate("Hello", max_tokens=32): print(text, end="")
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import xxhash
+from safetensors import safe_open
+
+from ..backends import get_kernel
+from ..models import get_model_class
+from ..pack import format as fmt
+from ..pack.index import PackedIndex, load_index
+from ..tokenizer import Tokenizer
+from .moe import StreamedExperts
+from .profiler import Profiler
+from .sampler import SamplingParams, sample
+from .store import ExpertStore, StoreStats
+
+_UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "KIB": 1 << 10, "M": 1 << 20, "MB": 1 << 20,
+          "MIB": 1 << 20, "G": 1 << 30, "GB": 1 << 30, "GIB": 1 << 30, "T": 1 << 40, "TB": 1 << 40, "TIB": 1 << 40}
+
+
+def parse_size(text: str | int) -> int:
+    """'512MiB', '2G', '0', 1024 -> bytes (binary units)."""
+    if isinstance(text, int):
+        return text
+    s = text.strip().upper().replace(" ", "")
+    num = s.rstrip("KMGTIB")
+    unit = s[len(num):]
+    try:
+        value = float(num)
+    except ValueError:
+        raise ValueError(f"cannot read size {text!r}: use e.g. 512MiB, 2GiB or 0") from None
+    if unit not in _UNITS or value < 0:
+        raise ValueError(f"cannot read size {text!r}: use e.g. 512MiB, 2GiB or 0")
+    return int(value * _UNITS[unit])
+
+
+def load_resident(index: PackedIndex, device: torch.device, dtype: torch.dtype | None,
+                  verify: bool = True) -> dict[str, torch.Tensor]:
+    """All non-expert tensors, checked against their xxhash64, cast and moved once."""
+    out = {}
+    by_file: dict[str, list[str]] = {}
+    for name, meta in index.raw["resident"]["tensors"].items():
+        by_file.setdefault(meta["file"], []).append(name)
+    for rel, names in by_file.items():
+        path = index.path / rel
+        if not path.is_file():
+            raise fmt.FormatError(f"{path}: resident file missing")
+        try:
+            f = safe_open(path, "pt")
+        except Exception as e:  # safetensors raises its own error types for bad headers
+            raise fmt.FormatError(f"{path}: unreadable safetensors file ({e})") from None
+        for name in names:
+            meta = index.raw["resident"]["tensors"][name]
+            t = f.get_tensor(name)
+            if verify and xxhash.xxh64(fmt.tensor_bytes(t)).hexdigest() != meta["xxh64"]:
+                raise fmt.FormatError(f"{path}: resident tensor {name}: checksum mismatch")
+            if dtype is not None and t.dtype.is_floating_point and t.dim() >= 2:
+                t = t.to(dtype)
+            out[name] = t.to(device)
+    return out
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    ttft_s: float = 0.0  # prompt prefill + first token
+    decode_s: float = 0.0  # the remaining tokens
+    store_before: StoreStats = field(default_factory=StoreStats)
+    store_after: StoreStats = field(default_factory=StoreStats)
+
+    @property
+    def decode_tok_s(self) -> float:
+        n = self.generated_tokens - 1
+        return n / self.decode_s if n > 0 and self.decode_s > 0 else 0.0
+
+    @property
+    def hit_rate(self) -> float:
+        h = self.store_after.hits - self.store_before.hits
+        m = self.store_after.misses - self.store_before.misses
+        return h / (h + m) if h + m else 0.0
+
+    @property
+    def bytes_read(self) -> int:
+        return self.store_after.bytes_read - self.store_before.bytes_read
+
+
+class Model:
+    """A loaded packed model: resident weights in memory, experts streamed through the store."""
+
+    def __init__(self, index: PackedIndex, device: str, expert_cache: int | str, io: str, threads: int,
+                 experts_per_token: int | None, dtype: torch.dtype | None, verify_reads: bool):
+        self.index, self.path = index, index.path
+        self.device = torch.device(device)
+        self.store = ExpertStore(index, parse_size(expert_cache), io=io, threads=threads,
+                                 verify_reads=verify_reads, device=self.device)
+        cls = get_model_class(index.raw["model_type"])
+        overrides = {"num_experts_per_tok": experts_per_token} if experts_per_token else {}
+        self.config = cls.config_class.from_dict(index.raw["config"], **overrides)
+        self.kernel = get_kernel(self.device)
+        self.experts = StreamedExperts(self.store, self.kernel)
+        weights = load_resident(index, self.device, dtype, verify=verify_reads)
+        self.model = cls(self.config, weights, self.experts)
+        self.tokenizer = Tokenizer.from_dir(self.path) if (self.path / "tokenizer.json").is_file() else None
+        self.last_stats: GenerationStats | None = None
+
+    def close(self) -> None:
+        self.store.close()
+
+    def logits(self, ids) -> torch.Tensor:
+        """float32 logits [T, vocab] of one prefill of token ids [T] from an empty state."""
+        ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
+        return self.model.forward(ids, self.model.new_state())
+
+    def encode_prompt(self, prompt: str | None = None, messages: list[dict] | None = None, chat: bool = False,
+                      **template_kw) -> list[int]:
+        if self.tokenizer is None:
+            raise ValueError(f"{self.path}: no tokenizer.json in the packed model; pass token ids instead")
+        if messages is None and chat:
+            messages = [{"role": "user", "content": prompt or ""}]
+        if messages is not None:
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, **template_kw)
+            return self.tokenizer.encode(text)
+        return self.tokenizer.encode(prompt or "")
+
+    def generate_ids(self, ids: list[int], max_tokens: int = 64, sampling: SamplingParams | None = None,
+                     stop_ids: tuple[int, ...] | None = None, profiler: Profiler | None = None,
+                     state=None) -> Iterator[int]:
+        """Prefill `ids`, then yield up to `max_tokens` new token ids, stopping after an EOS id."""
+        if not ids:
+            raise ValueError("the prompt is empty: nothing to condition on")
+        sampling = sampling or SamplingParams(temperature=0.0)
+        gen = sampling.generator()
+        stops = set(self.eos_ids if stop_ids is None else stop_ids)
+        state = state if state is not None else self.model.new_state()
+        self.experts.profiler = profiler
+        st = self.last_stats = GenerationStats(prompt_tokens=len(ids), store_before=self.store.stats.snapshot())
+        t0 = time.perf_counter()
+        logits = self.model.forward(torch.tensor(ids, dtype=torch.long), state, profiler)[-1]
+        try:
+            for i in range(max_tokens):
+                tok = sample(logits, sampling.temperature, sampling.top_p, sampling.top_k, gen)
+                st.generated_tokens += 1
+                now = time.perf_counter()
+                if i == 0:
+                    st.ttft_s, t_first = now - t0, now
+                else:
+                    st.decode_s = now - t_first
+                st.store_after = self.store.stats.snapshot()
+                yield tok
+                if tok in stops or i == max_tokens - 1:
+                    break
+                logits = self.model.forward(torch.tensor([tok], dtype=torch.long), state, profiler)[-1]
+        finally:
+            self.experts.profiler = None
+
+    def generate(self, prompt: str | None = None, *, messages: list[dict] | None = None, chat: bool = False,
+                 max_tokens: int = 64, sampling: SamplingParams | None = None,
+                 profiler: Profiler | None = None, **template_kw) -> Iterator[str]:
+        """Stream generated text for a prompt (or chat `messages`); stops at the model's EOS."""
+        ids = self.encode_prompt(prompt, messages, chat, **template_kw)
+        dec = self.tokenizer.stream_decoder(skip_special_tokens=True)
+        for tok in self.generate_ids(ids, max_tokens, sampling, profiler=profiler):
+            if tok in self.eos_ids:
+                break
+            text = dec.step(tok)
+            if text:
+                yield text
+        tail = dec.flush()
+        if tail:
+            yield tail
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        ids = set(self.config.eos_token_ids)
+        if self.tokenizer is not None:
+            ids |= set(self.tokenizer.eos_ids)
+        return tuple(sorted(ids))
+
+
+def load(path: str | Path | None = None, device: str = "cpu", expert_cache: int | str = "1GiB",
+         io: str = "os", threads: int = 8, experts_per_token: int | None = None,
+         dtype: torch.dtype | str | None = None, verify_reads: bool = True) -> Model:
+    """Load a packed model directory (None: the built-in tiny default model).
+
+    expert_cache: byte budget of the runtime's own expert cache ("2GiB", 0 to rely on the OS).
+    io: "os" (page cache) or "direct" (O_DIRECT / F_NOCACHE). experts_per_token: smaller K than the
+    model's own is faster and costs quality. dtype: compute dtype of resident weights (default: as stored).
+    verify_reads: check every record read from disk against its xxhash64.
+    """
+    if path is None:
+        from ..default_model import default_model_dir
+
+        path = default_model_dir()
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' requested but torch.cuda.is_available() is False")
+    if dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise RuntimeError("device 'mps' requested but this torch has no available MPS device (Apple Silicon)")
+    if isinstance(dtype, str):
+        dtype = fmt.DTYPES[dtype]
+    return Model(load_index(path), device, expert_cache, io, threads, experts_per_token, dtype, verify_reads)
