@@ -14,7 +14,15 @@ from .format import FormatError
 from .index import PackedIndex, load_index
 from .writer import PackWriter
 
-__all__ = ["quantize", "load_index", "PackedIndex", "FormatError", "PackWriter"]
+__all__ = ["quantize", "done_shards", "load_index", "PackedIndex", "FormatError", "PackWriter"]
+
+
+def done_shards(out: str | Path) -> set[str]:
+    """Source shards an unfinished pack in `out` has already written (empty if none)."""
+    import json
+
+    state = Path(out) / fmt.BUILD_DIR / "state.json"
+    return set(json.loads(state.read_text())["shards_done"]) if state.is_file() else set()
 
 
 def _check_supported(ckpt: Checkpoint) -> None:
@@ -49,14 +57,14 @@ def _mlx_scale_dtype(ckpt: Checkpoint) -> torch.dtype:
 def quantize(src: str | Path, out: str | Path, bits: int = 4, group_size: int = 64,
              scale_dtype: str = "bfloat16", resident_dtype: str = "auto", method: str = "mse",
              progress: bool = True, source_info: dict | None = None,
-             shards: Iterable[tuple[str, Path]] | None = None) -> Path:
+             shards: Iterable[tuple[str, Path]] | None = None, shard_names: list[str] | None = None) -> Path:
     """Pack the checkpoint at `src` into `out`; resumes an interrupted run with the same settings.
 
     `shards` (optional) yields (shard name, local path) pairs as they become available, for the
     streaming download mode; by default every shard of `src` is read from disk.
     Returns the packed directory. Raises ValueError for unsupported models or bad settings.
     """
-    ckpt = Checkpoint(src)
+    ckpt = Checkpoint(src, shard_names)
     _check_supported(ckpt)
     params = resolve_params(ckpt, bits, group_size, scale_dtype, resident_dtype, method)
     out = Path(out)

@@ -58,7 +58,8 @@ def text_config(config: dict) -> dict:
 class Checkpoint:
     """A Hugging Face-style checkpoint directory (one shard or many with an index)."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, shard_names: list[str] | None = None):
+        """`shard_names`: for streaming, the shards that will arrive later (when there is no index)."""
         self.path = Path(path)
         cfg_path = self.path / "config.json"
         if not cfg_path.is_file():
@@ -70,6 +71,8 @@ class Checkpoint:
         if idx.is_file():
             self.weight_map: dict[str, str] = json.loads(idx.read_text())["weight_map"]
             self.shards = sorted(set(self.weight_map.values()))
+        elif shard_names:  # streaming a single unindexed shard: names become known as it arrives
+            self.shards, self.weight_map = list(shard_names), {}
         else:
             self.shards = sorted(p.name for p in self.path.glob("*.safetensors"))
             if not self.shards:
@@ -93,6 +96,8 @@ class Checkpoint:
             if not p.is_file():
                 raise SourceError(f"{p}: shard listed in {INDEX_FILE} is missing")
             self._handles[shard] = safe_open(p, "pt")
+            for name in self._handles[shard].keys():
+                self.weight_map.setdefault(name, shard)
         return self._handles[shard]
 
     def close_shard(self, shard: str) -> None:
@@ -140,6 +145,53 @@ class Checkpoint:
             raise SourceError(f"{self.path}: tensor {name!r} has dtype {t.dtype}; expected a float dtype")
         return t
 
+    # -- random access, for verification ------------------------------------------------------------
+    def _expert_sources(self) -> dict[tuple[int, int | None, str], str]:
+        if not hasattr(self, "_experts_map"):
+            self._experts_map = {}
+            for name in self.weight_map:
+                canon = canonical(name)
+                en = expert_name(canon) if canon else None
+                if en is not None and en.part == "weight":
+                    self._experts_map[(en.layer, en.expert, en.proj)] = name
+        return self._experts_map
+
+    def expert_matrix(self, layer: int, expert: int, proj: str) -> torch.Tensor:
+        """One expert projection as float32 [out, in], read lazily (a slice of a fused tensor)."""
+        srcs = self._expert_sources()
+        if (name := srcs.get((layer, expert, proj))) is not None:
+            value = self._decode(name)
+            return dequantize(value) if isinstance(value, QTensor) else value.float()
+        fused = "gate_up" if proj in ("gate", "up") else "down"
+        name = srcs.get((layer, None, fused)) or srcs.get((layer, None, proj))
+        if name is None:
+            raise SourceError(f"{self.path}: no tensor holds layer {layer} expert {expert} {proj}_proj")
+        f = self._open(self.weight_map[name])
+        base = name[: -len(".weight")] if name.endswith(".weight") else name
+        if self.mlx_quant and self.has(base + ".scales"):
+            q = QTensor(f.get_slice(name)[expert].view(torch.int32), f.get_slice(base + ".scales")[expert],
+                        f.get_slice(base + ".biases")[expert], int(self.mlx_quant["bits"]),
+                        int(self.mlx_quant["group_size"]))
+            return dequantize(q)
+        one = f.get_slice(name)[expert: expert + 1]  # [1, out, in]
+        en = expert_name(canonical(name))
+        for piece in _split_experts(name, en, one, self.text_config):
+            if piece.proj == proj:
+                return piece.payload.float()
+        raise SourceError(f"{name}: no {proj} part")
+
+    def resident_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every non-expert text-model tensor, canonical name and float value."""
+        for name in self.weight_map:
+            canon = canonical(name)
+            if canon is None or expert_name(canon) is not None or (is_companion(name) and
+                                                                   self.has(_companion_base(name))):
+                continue
+            value = self._decode(name)
+            if isinstance(value, QTensor):
+                value = dequantize(value, torch.float32)
+            yield canon, _mlx_to_hf(canon, value) if self.mlx_quant else value
+
     def iter_shard(self, shard: str) -> Iterator[Resident | ExpertPiece | Skipped]:
         """Everything one shard holds, in canonical form."""
         f = self._open(shard)
@@ -164,9 +216,10 @@ class Checkpoint:
 
 
 def _companion_base(name: str) -> str:
+    """The weight a scale tensor belongs to: x.weight_scale_inv / x.scales / x.biases -> x.weight."""
     for sfx in (".weight_scale_inv", ".scales", ".biases"):
         if name.endswith(sfx):
-            return name[: -len(sfx)] + (".weight" if sfx != ".weight_scale_inv" else ".weight")
+            return name[: -len(sfx)] + ".weight"
     return name
 
 
