@@ -1,0 +1,1 @@
+"""The runtime: expert store, MoE executor, generation loop, sampler, profiler."""
