@@ -32,6 +32,8 @@ def _user_errors():
 
     try:
         yield
+    except typer.Exit:  # click's Exit is a RuntimeError: let it through untouched
+        raise
     except (FormatError, SourceError, HubError, ValueError, FileExistsError, FileNotFoundError,
             KeyError, RuntimeError) as e:
         _fail(str(e).strip("'\""))

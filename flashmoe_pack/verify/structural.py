@@ -45,7 +45,8 @@ def verify_structure(path: str | Path, fast: int | None = None, seed: int = 0) -
     try:
         index = load_index(path)
     except fmt.FormatError as e:
-        return StructuralReport([Problem(str(path / fmt.INDEX_NAME), str(e))])
+        msg = str(e).removeprefix(f"{path / fmt.INDEX_NAME}: ")
+        return StructuralReport([Problem(str(path / fmt.INDEX_NAME), msg)])
     report = StructuralReport([])
     _check_layers(index, report, fast, random.Random(seed))
     _check_resident(index, report)
