@@ -8,7 +8,7 @@ little-endian, so MLX 4-bit checkpoints repack without requantizing. SPEC.md has
 Scale and bias are chosen to minimise the squared error of each group, not just spanned
 min..max: a small grid of shrunken ranges, each refined by alternating least squares
 (fix q, solve scale/bias in closed form; fix scale/bias, round q). At 2 bits this roughly
-halves the error of plain min/max (tests/test_quant.py measures it).
+halves the error of plain min/max (tests/test_sources.py measures it).
 """
 
 from __future__ import annotations

@@ -331,12 +331,8 @@ def test_fp8_bits16_equals_block_dequantized(fp8_source, tmp_path):
         assert same_bytes(res[k], refs[k].to(dtype)), k
 
 
-def test_fp8_bits16_verifies(fp8_source, tmp_path, request):
+def test_fp8_bits16_verifies(fp8_source, tmp_path):
     src, dtype, _ = fp8_source
-    if dtype != torch.float32:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "verify/numerical.py: WEIGHT_LIMITS[16] == 0.0 compares the bf16 packed weights with the float32 "
-            "FP8 dequantization, so a correct 16-bit pack of an FP8 source reports failures")))
     idx = load_index(quantize(src, tmp_path / "q16", bits=16, progress=False))
     assert failures(verify_numerics(idx, Checkpoint(src))) == []
 
@@ -483,9 +479,6 @@ def test_mlx_bits16_is_the_dequantized_mlx_weights(mlx_source, tmp_path):
     assert torch.equal(expert(idx, 1, 3).down, quant.dequantize(mlx_q(mlx, pre, 3)).bfloat16())
 
 
-@pytest.mark.xfail(strict=True, reason="sources/checkpoint.py decodes every MLX tensor with the global "
-                   "quantization bits; mlx-lm's Qwen3.5 checkpoints store mlp.gate and shared_expert_gate at "
-                   "8 bits (per-module overrides in config['quantization'])")
 def test_mlx_per_module_bits_overrides(tmp_path):
     model = causal_lm(seed=8)
     model.save_pretrained(tmp_path / "hf")
@@ -496,9 +489,6 @@ def test_mlx_per_module_bits_overrides(tmp_path):
     assert (res[gate].float() - hf[gate]).abs().max() < 0.01
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "sources/checkpoint.py applies the MLX conventions (conv1d [C, K, 1], norms stored as 1 + w) only when "
-    "config.json has a 'quantization' entry; an unquantized MLX conversion keeps them: wrong residents"))
 def test_mlx_unquantized_conversion(tmp_path):
     model = causal_lm(seed=9)
     model.save_pretrained(tmp_path / "hf")

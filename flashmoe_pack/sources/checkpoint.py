@@ -86,6 +86,9 @@ class Checkpoint:
         qc = self.config.get("quantization_config") or {}
         self.fp8_block = tuple(qc.get("weight_block_size") or (128, 128))
         self.is_fp8 = qc.get("quant_method") == "fp8" or any(n.endswith("weight_scale_inv") for n in self.weight_map)
+        # MLX conversions (quantized or not) name tensors language_model.model.* and store conv
+        # weights [C, K, 1] and (1 + w) norms; convert those back to transformers' conventions.
+        self.mlx_layout = bool(self.mlx_quant) or any(n.startswith("language_model.model.") for n in self.weight_map)
         self._handles: dict[str, object] = {}
         self.float_dtype = self._detect_float_dtype()
 
@@ -124,10 +127,20 @@ class Checkpoint:
         return torch.bfloat16
 
     # -- decoding -----------------------------------------------------------------------------------
+    def mlx_params(self, name: str) -> tuple[int, int]:
+        """(bits, group_size) of an MLX-quantized tensor: config.json's "quantization" holds the
+        defaults plus per-module overrides keyed by module path (mlx-lm stores routers at 8 bits)."""
+        base = name[: -len(".weight")] if name.endswith(".weight") else name
+        q = self.mlx_quant
+        own = q.get(base)
+        if isinstance(own, dict) and "bits" in own:
+            return int(own["bits"]), int(own.get("group_size", q["group_size"]))
+        return int(q["bits"]), int(q["group_size"])
+
     def _mlx_q(self, name: str, w: torch.Tensor) -> QTensor:
         base = name[: -len(".weight")] if name.endswith(".weight") else name
         return QTensor(w.view(torch.int32), self.raw(base + ".scales"), self.raw(base + ".biases"),
-                       int(self.mlx_quant["bits"]), int(self.mlx_quant["group_size"]))
+                       *self.mlx_params(name))
 
     def _decode(self, name: str) -> torch.Tensor | QTensor:
         """A source tensor as float, or as QTensor when it is MLX-quantized."""
@@ -170,8 +183,7 @@ class Checkpoint:
         base = name[: -len(".weight")] if name.endswith(".weight") else name
         if self.mlx_quant and self.has(base + ".scales"):
             q = QTensor(f.get_slice(name)[expert].view(torch.int32), f.get_slice(base + ".scales")[expert],
-                        f.get_slice(base + ".biases")[expert], int(self.mlx_quant["bits"]),
-                        int(self.mlx_quant["group_size"]))
+                        f.get_slice(base + ".biases")[expert], *self.mlx_params(name))
             return dequantize(q)
         one = f.get_slice(name)[expert: expert + 1]  # [1, out, in]
         en = expert_name(canonical(name))
@@ -190,7 +202,7 @@ class Checkpoint:
             value = self._decode(name)
             if isinstance(value, QTensor):
                 value = dequantize(value, torch.float32)
-            yield canon, _mlx_to_hf(canon, value) if self.mlx_quant else value
+            yield canon, _mlx_to_hf(canon, value) if self.mlx_layout else value
 
     def iter_shard(self, shard: str) -> Iterator[Resident | ExpertPiece | Skipped]:
         """Everything one shard holds, in canonical form."""
@@ -209,7 +221,7 @@ class Checkpoint:
                 continue
             if isinstance(value, QTensor):  # an MLX-quantized resident matrix (attention, router...)
                 value = dequantize(value, torch.float32)
-            if self.mlx_quant:
+            if self.mlx_layout:
                 value = _mlx_to_hf(canon, value)
             yield Resident(canon, value)
         self.close_shard(shard)

@@ -15,7 +15,7 @@ from ..quant import error_stats
 from ..sources.checkpoint import Checkpoint
 
 # Relative Frobenius error allowed per bit width, for weights and for expert outputs on probes.
-# Measured on Gaussian weights (tests/test_quant.py): 2-bit 0.32, 4-bit 0.083, 8-bit 0.0053;
+# Measured on Gaussian weights (tests/test_sources.py): 2-bit 0.32, 4-bit 0.083, 8-bit 0.0053;
 # the limits leave room for heavier-tailed real weights. 16 bits must be exact.
 WEIGHT_LIMITS = {2: 0.45, 4: 0.15, 8: 0.012, 16: 0.0}
 OUTPUT_LIMITS = {2: 0.6, 4: 0.2, 8: 0.02, 16: 1e-6}
@@ -52,6 +52,9 @@ def verify_numerics(index: PackedIndex, ckpt: Checkpoint, sample: int | None = N
         for e in experts:
             packed = decode_record(read_record(index, layer, e), index).dense(torch.float32)
             ref = tuple(ckpt.expert_matrix(layer, e, p) for p in fmt.PROJS)
+            if bits == 16:  # stored in the pack's float dtype (an FP8 or MLX source becomes bf16)
+                wdt = fmt.DTYPES[index.raw["quantization"]["weight_dtype"]]
+                ref = tuple(r.to(wdt).float() for r in ref)
             for proj, a, b in zip(fmt.PROJS, packed, ref):
                 st = error_stats(b, a)
                 rels.append(st["rel_err"])
