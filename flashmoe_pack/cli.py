@@ -231,5 +231,11 @@ def inspect(model: Path = typer.Argument(..., help="Packed model folder.")):
         typer.echo(json.dumps(summary, indent=2))
 
 
+# Commands that live in their own modules (chat, serve, bench, ...) register themselves here.
+from .commands import register_all  # noqa: E402
+
+register_all(app)
+
+
 def main():  # pragma: no cover
     app()

@@ -1,0 +1,16 @@
+"""CLI commands that live in their own modules. Each module defines `register(app)`.
+
+cli.py holds download | quantize | verify | run | inspect; add a module name to MODULES to add
+a command (the module is imported when the CLI starts: keep its top-level imports light).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+MODULES: tuple[str, ...] = ()
+
+
+def register_all(app) -> None:
+    for name in MODULES:
+        importlib.import_module(f"{__name__}.{name}").register(app)
