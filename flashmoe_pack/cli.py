@@ -90,7 +90,8 @@ def quantize(
     group_size: int = typer.Option(64, help="Columns per scale/bias group."),
     scale_dtype: str = typer.Option("bfloat16", help="Stored dtype of scales and biases: bfloat16 | float16."),
     resident_dtype: str = typer.Option("auto", help="Non-expert weights: auto (bf16; the source dtype at 16 "
-                                                    "bits) | bfloat16 | float16 | float32."),
+                                                    "bits) | bfloat16 | float16 | float32 | q8 (8-bit groups of 64, "
+                                                    "dequantized at load: halves the file)."),
     method: str = typer.Option("mse", help="mse (error-minimising scale/bias) or minmax."),
     from_hub: bool = typer.Option(False, "--from-hub", help="SRC is a repo id: stream shards from the hub."),
     revision: Optional[str] = typer.Option(None, help="Revision with --from-hub."),

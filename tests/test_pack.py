@@ -181,3 +181,19 @@ def test_bits16_keeps_source_dtype(tiny_src, tmp_path):
     assert ix.raw["quantization"]["weight_dtype"] == "float32"
     ew = decode_record(read_record(ix, 0, 0), ix)
     assert ew.gate.dtype == torch.float32
+
+
+def test_resident_q8(tiny_src, packed16, tmp_path):
+    """8-bit resident matrices: half the bytes of bf16, verify passes, logits stay close."""
+    import flashmoe_pack
+    from flashmoe_pack.verify import compare_logits
+
+    out = quantize(tiny_src, tmp_path / "q8r", bits=16, resident_dtype="q8", progress=False)
+    ix = load_index(out)
+    t = ix.raw["resident"]["tensors"]
+    assert t["lm_head.weight"]["quant"] == {"bits": 8, "group_size": 64} and t["lm_head.weight"]["dtype"] == "int32"
+    assert "model.norm.weight" in t and "quant" not in t["model.norm.weight"]
+    assert verify_structure(out).ok
+    ids = list(range(5, 40))
+    r = compare_logits(flashmoe_pack.load(packed16).logits(ids), flashmoe_pack.load(out, dtype="float32").logits(ids))
+    assert r.kl < 0.01 and r.top1 > 0.9, r

@@ -20,6 +20,7 @@ from ..backends import get_kernel
 from ..models import get_model_class
 from ..pack import format as fmt
 from ..pack.index import PackedIndex, load_index
+from ..quant import QTensor, dequantize
 from ..tokenizer import Tokenizer
 from .moe import StreamedExperts
 from .profiler import Profiler
@@ -66,9 +67,17 @@ def load_resident(index: PackedIndex, device: torch.device, dtype: torch.dtype |
             t = f.get_tensor(name)
             if verify and xxhash.xxh64(fmt.tensor_bytes(t)).hexdigest() != meta["xxh64"]:
                 raise fmt.FormatError(f"{path}: resident tensor {name}: checksum mismatch")
-            if dtype is not None and t.dtype.is_floating_point and t.dim() >= 2:
-                t = t.to(dtype)
-            out[name] = t.to(device)
+            out[name] = t
+    tensors = index.raw["resident"]["tensors"]
+    for name, meta in tensors.items():
+        if "quant" in meta:  # 8-bit resident matrix: dequantize once at load
+            q = QTensor(out.pop(name), out.pop(name + ".scales"), out.pop(name + ".biases"),
+                        meta["quant"]["bits"], meta["quant"]["group_size"])
+            out[name] = dequantize(q, dtype or torch.bfloat16)
+    for name, t in out.items():
+        if dtype is not None and t.dtype.is_floating_point and t.dim() >= 2:
+            t = t.to(dtype)
+        out[name] = t.to(device)
     return out
 
 

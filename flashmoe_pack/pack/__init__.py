@@ -39,6 +39,8 @@ def resolve_params(ckpt: Checkpoint, bits: int, group_size: int, scale_dtype: st
     float_dtype = fmt.DTYPE_NAMES[ckpt.float_dtype]
     if resident_dtype == "auto":
         resident_dtype = float_dtype if bits == 16 else "bfloat16"
+    if resident_dtype not in ("float32", "float16", "bfloat16", "q8"):
+        raise ValueError(f"--resident-dtype must be auto, bfloat16, float16, float32 or q8, got {resident_dtype!r}")
     if ckpt.mlx_quant and (ckpt.mlx_quant["bits"], ckpt.mlx_quant["group_size"]) == (bits, group_size):
         method = "mlx-repack"  # same bit layout: copy the MLX words, scales and biases as they are
         scale_dtype = fmt.DTYPE_NAMES[_mlx_scale_dtype(ckpt)]

@@ -27,6 +27,8 @@ CARRIED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tok
                  "vocab.json", "merges.txt", "special_tokens_map.json", "added_tokens.json",
                  "chat_template.jinja", "chat_template.json")
 
+RESIDENT_Q8_GROUP = 64  # group size of 8-bit resident matrices (resident_dtype "q8")
+
 # Expert file header: magic, version, layer, num_experts, header_bytes, stride, record_bytes.
 HEADER_MAGIC = b"FMOEXPRT"
 HEADER_STRUCT = struct.Struct("<8sIIIIQQ")

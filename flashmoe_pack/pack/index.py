@@ -27,6 +27,7 @@ def build_index(writer, part_dirs: list[Path], extra: dict) -> dict:
                        "file_bytes": fmt.expert_file_bytes(writer.num_experts, lay),
                        "xxh64": [hashes[str(e)] for e in range(writer.num_experts)]})
     tensors = {}
+    q8 = set(writer.state.get("resident_q8", []))
     for part, names in writer.state["resident"].items():
         path = next(d / part for d in part_dirs if (d / part).exists())
         with safe_open(path, "pt") as f:
@@ -34,6 +35,8 @@ def build_index(writer, part_dirs: list[Path], extra: dict) -> dict:
                 t = f.get_tensor(name)
                 tensors[name] = {"file": f"{fmt.RESIDENT_DIR}/{part}", "dtype": fmt.DTYPE_NAMES[t.dtype],
                                  "shape": list(t.shape), "xxh64": xxhash.xxh64(fmt.tensor_bytes(t)).hexdigest()}
+                if name in q8:  # 8-bit words; scales and biases are the tensors name.scales / name.biases
+                    tensors[name]["quant"] = {"bits": 8, "group_size": fmt.RESIDENT_Q8_GROUP}
     p = writer.params
     carried = [n for n in fmt.CARRIED_FILES if (writer.ckpt.path / n).is_file()]
     return {

@@ -124,7 +124,7 @@ class PackWriter:
             if isinstance(item, ExpertPiece):
                 self.write_piece(item)
             elif isinstance(item, Resident):
-                resident[item.name] = self._resident_tensor(item.tensor)
+                resident.update(self._resident_tensors(item.name, item.tensor))
             elif isinstance(item, Skipped):
                 skipped += 1
             if on_piece:
@@ -141,10 +141,19 @@ class PackWriter:
         self.state["shards_done"].append(shard)
         self._save_state()
 
-    def _resident_tensor(self, t: torch.Tensor) -> torch.Tensor:
+    def _resident_tensors(self, name: str, t: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The stored form of one resident tensor: float, or with resident_dtype "q8" an 8-bit
+        group-wise matrix as three tensors (name = int32 words, name.scales, name.biases)."""
         if t.dim() <= 1:
-            return t.float().contiguous()  # norms, A_log, dt_bias: tiny, keep full precision
-        return t.to(fmt.DTYPES[self.params["resident_dtype"]]).contiguous()
+            return {name: t.float().contiguous()}  # norms, A_log, dt_bias: tiny, keep full precision
+        rd = self.params["resident_dtype"]
+        if rd == "q8":
+            if t.dim() == 2 and t.shape[1] % fmt.RESIDENT_Q8_GROUP == 0:
+                q = quantize(t, 8, fmt.RESIDENT_Q8_GROUP, torch.bfloat16, "minmax")
+                self.state.setdefault("resident_q8", []).append(name)
+                return {name: q.weight, name + ".scales": q.scales, name + ".biases": q.biases}
+            rd = "bfloat16"  # conv kernels and odd widths stay float
+        return {name: t.to(fmt.DTYPES[rd]).contiguous()}
 
     # -- finish -------------------------------------------------------------------------------------
     def missing_records(self) -> list[tuple[int, int, list[str]]]:
