@@ -118,7 +118,8 @@ def verify(
     reference: Optional[Path] = typer.Option(None, help="Source checkpoint to compare against."),
     fast: Optional[int] = typer.Option(None, help="Check N sampled records per layer instead of all."),
     prompts: int = typer.Option(0, help="End-to-end: compare logits on N prompts (needs --reference)."),
-    reference_engine: str = typer.Option("runtime", help="runtime (source weights streamed) | transformers."),
+    reference_engine: str = typer.Option("auto", help="auto (transformers if the model fits in RAM) | "
+                                                      "transformers | runtime (source weights streamed)."),
 ):
     """Check structure and checksums; with --reference, numerics and (with --prompts) logits."""
     from .verify import format_table, verify_numerics, verify_structure
@@ -156,6 +157,10 @@ def _verify_e2e(packed: Path, reference: Path, prompts: int, engine: str, bits: 
     from . import load
     from .verify import e2e_failures, format_e2e, verify_end_to_end
 
+    from .verify.end_to_end import choose_engine
+
+    engine = choose_engine(str(reference)) if engine == "auto" else engine
+    typer.echo(f"end to end: packed model vs {engine} on the unquantized source, {prompts} prompts")
     m = load(packed, dtype="float32")
     res = verify_end_to_end(m, str(reference), prompts, engine)
     typer.echo(format_e2e(res))

@@ -1,14 +1,15 @@
 """End-to-end verification: the packed model's logits against a reference on prompts.
 
-The reference is the runtime itself run on the unquantized source weights, with every expert
-read lazily from the original safetensors (works for any size: memory stays near the resident
-weights), or transformers' modeling code (`engine="transformers"`, models that fit in RAM).
+The reference is transformers' modeling code for models that fit in RAM, and otherwise the
+runtime itself run on the unquantized source weights, every expert read lazily from the original
+safetensors (works for any size: memory stays near the resident weights).
 The runtime's agreement with transformers is itself checked by tests/test_runtime.py.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -56,17 +57,35 @@ class SourceExperts:
         return out
 
 
-def reference_logits_fn(src: str, engine: str = "runtime", experts_per_token: int | None = None):
-    """A function ids -> float32 logits [T, V] computed from the unquantized source."""
+def choose_engine(src: str) -> str:
+    """"transformers" when it is installed and the fp32 model fits easily in RAM, else "runtime"."""
+    import importlib.util
+    import os
+
+    if importlib.util.find_spec("transformers") is None:
+        return "runtime"
+    src_bytes = sum(p.stat().st_size for p in Path(src).glob("*.safetensors"))
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return "transformers" if src_bytes * 4 < ram // 4 else "runtime"  # x2 for bf16 -> fp32, with room
+
+
+def reference_logits_fn(src: str, engine: str = "auto", experts_per_token: int | None = None):
+    """A function ids -> float32 logits [T, V] computed from the unquantized source.
+    engine: "runtime", "transformers" or "auto" (see choose_engine)."""
     ckpt = Checkpoint(src)
+    if engine == "auto":
+        engine = choose_engine(src)
     if engine == "transformers":
         from transformers import AutoModelForCausalLM
 
-        hf = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+        kw = {"num_experts_per_tok": experts_per_token} if experts_per_token else {}
+        hf = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, attn_implementation="eager", **kw)
+        if hasattr(hf, "set_experts_implementation"):
+            hf.set_experts_implementation("eager")  # the grouped-mm path needs 16-byte-aligned sizes
         hf.eval()
-        return lambda ids: hf(torch.as_tensor(ids)[None]).logits[0].float()
+        return torch.no_grad()(lambda ids: hf(torch.as_tensor(ids)[None]).logits[0].float())
     if engine != "runtime":
-        raise ValueError(f"reference engine must be 'runtime' or 'transformers', got {engine!r}")
+        raise ValueError(f"reference engine must be 'auto', 'runtime' or 'transformers', got {engine!r}")
     cls = get_model_class(ckpt.model_type)
     overrides = {"num_experts_per_tok": experts_per_token} if experts_per_token else {}
     cfg = cls.config_class.from_dict(ckpt.config, **overrides)
@@ -100,7 +119,7 @@ def prompt_ids(model, n: int, seed: int = 0) -> list[list[int]]:
     return [torch.randint(0, model.config.vocab_size, (16 + 7 * i,), generator=gen).tolist() for i in range(n)]
 
 
-def verify_end_to_end(model, src: str, n_prompts: int = 4, engine: str = "runtime") -> list[PromptResult]:
+def verify_end_to_end(model, src: str, n_prompts: int = 4, engine: str = "auto") -> list[PromptResult]:
     """Compare `model` (a loaded packed model) with the reference on n prompts."""
     ref_fn = reference_logits_fn(src, engine, model.config.num_experts_per_tok)
     return [compare_logits(ref_fn(ids), model.logits(ids)) for ids in prompt_ids(model, n_prompts)]
