@@ -76,10 +76,12 @@ def reference_logits_fn(src: str, engine: str = "auto", experts_per_token: int |
     if engine == "auto":
         engine = choose_engine(src)
     if engine == "transformers":
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoConfig, AutoModelForCausalLM
 
-        kw = {"num_experts_per_tok": experts_per_token} if experts_per_token else {}
-        hf = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, attn_implementation="eager", **kw)
+        cfg = AutoConfig.from_pretrained(src)
+        if experts_per_token:  # the packed model may run with a smaller K: compare like with like
+            cfg.get_text_config().num_experts_per_tok = experts_per_token
+        hf = AutoModelForCausalLM.from_pretrained(src, config=cfg, dtype=torch.float32, attn_implementation="eager")
         if hasattr(hf, "set_experts_implementation"):
             hf.set_experts_implementation("eager")  # the grouped-mm path needs 16-byte-aligned sizes
         hf.eval()
