@@ -67,6 +67,29 @@ def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False
     return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
+class _TemplateNamespace(jinja2.utils.Namespace):
+    """namespace() that refuses underscore-prefixed names, as transformers' does (sandbox hardening)."""
+
+    def __init__(*args, **kwargs):  # jinja's own signature trick, so that namespace(self=...) still works
+        self, args = args[0], args[1:]
+        attrs = dict(*args, **kwargs)
+        for name in attrs:
+            _TemplateNamespace._check(name)
+        jinja2.utils.Namespace.__init__(self, attrs)
+
+    def __setitem__(self, name, value):
+        _TemplateNamespace._check(name)
+        jinja2.utils.Namespace.__setitem__(self, name, value)
+
+    @staticmethod
+    def _check(name):
+        if isinstance(name, str) and name.startswith("_"):
+            raise jinja2.exceptions.SecurityError(
+                "Chat templates cannot store underscore-prefixed attributes on a namespace, "
+                f"but got {name!r}. Please rename the attribute."
+            )
+
+
 def compile_chat_template(source: str) -> jinja2.Template:
     """Compile a chat template in the environment transformers uses (sandboxed, trim/lstrip blocks)."""
     env = ImmutableSandboxedEnvironment(
@@ -75,6 +98,7 @@ def compile_chat_template(source: str) -> jinja2.Template:
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    env.globals["namespace"] = _TemplateNamespace
     return env.from_string(source)
 
 
