@@ -15,11 +15,8 @@ import pytest
 from flashmoe_pack.chat import Delta, StreamParser, ToolCall, parse
 from flashmoe_pack.tokenizer import compile_chat_template
 
-try:
-    from hypothesis import given, settings
-    from hypothesis import strategies as st
-except ImportError:  # the seeded fuzz below runs either way
-    given = None
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 TEMPLATES = Path(__file__).parent / "fixtures" / "templates"
 
@@ -305,12 +302,10 @@ def test_fuzz_structured_calls():
         assert got == _reference(text, tools=schema)
 
 
-if given is not None:
-
-    @settings(max_examples=300, deadline=None)
-    @given(st.lists(st.sampled_from(FRAGMENTS) | st.text(max_size=3), max_size=30),
-           st.lists(st.integers(min_value=0, max_value=400), max_size=8), st.booleans(),
-           st.sampled_from(["auto", "hermes", "xml"]))
-    def test_fuzz_hypothesis(parts, cuts, reasoning, fmt):
-        text = "".join(parts)
-        _fuzz_one(text, [c for c in cuts if c <= len(text)], reasoning, fmt)
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(FRAGMENTS) | st.text(max_size=3), max_size=30),
+       st.lists(st.integers(min_value=0, max_value=400), max_size=8), st.booleans(),
+       st.sampled_from(["auto", "hermes", "xml"]))
+def test_fuzz_hypothesis(parts, cuts, reasoning, fmt):
+    text = "".join(parts)
+    _fuzz_one(text, [c for c in cuts if c <= len(text)], reasoning, fmt)
