@@ -2,9 +2,16 @@
 
 Expert-major: for a batch of T tokens, each distinct expert chosen in the layer is fetched once
 and applied to all of its tokens together, so a prompt reads each needed expert once per layer.
+Overlapped: reads for the layer start as soon as routing is known, and each expert is computed
+as soon as its read completes (cache hits first), while the remaining reads continue.
+Deterministic: outputs are summed in expert-id order whatever order the reads complete in, so the
+result does not depend on I/O timing (a finished expert's output waits, [n_e, H], until every
+smaller id has been added).
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -18,25 +25,31 @@ class StreamedExperts:
     def forward(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [T, H], ids [T, K], weights [T, K] -> weighted sum of the chosen experts' outputs [T, H]."""
         prof = self.profiler
-        uniq = torch.unique(ids).tolist()  # the one host sync per layer
-        if prof is not None:
-            with prof.section("expert_io", layer):
-                experts = self.store.get(layer, uniq)
-        else:
-            experts = self.store.get(layer, uniq)
+        section = prof.section if prof is not None else _no_section
+        uniq = torch.unique(ids).tolist()  # the one host sync per layer (sorted)
         out = torch.zeros_like(x)
-        ctx = prof.section("expert_compute", layer) if prof is not None else _null()
-        with ctx:
-            for e in uniq:
+        ready: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # expert -> (token rows, weighted output)
+        nxt = 0  # uniq[:nxt] are summed into out
+        stream = self.store.stream(layer, uniq)
+        while True:
+            with section("expert_io", layer):  # waits only when no read has completed yet
+                item = next(stream, None)
+            if item is None:
+                break
+            e, w = item
+            with section("expert_compute", layer):
                 tok, slot = torch.nonzero(ids == e, as_tuple=True)  # tokens routed to e
-                y = self.kernel.expert_mlp(x[tok], experts[e])  # [n, H]
-                out.index_add_(0, tok, y * weights[tok, slot, None].to(y.dtype))
+                y = self.kernel.expert_mlp(x[tok], w)  # [n, H]
+                ready[e] = (tok, y * weights[tok, slot, None].to(y.dtype))
+                while nxt < len(uniq) and uniq[nxt] in ready:
+                    rows, contrib = ready.pop(uniq[nxt])
+                    out.index_add_(0, rows, contrib)
+                    nxt += 1
         return out
 
 
-class _null:
-    def __enter__(self):
-        return self
+_NULL = contextlib.nullcontext()
 
-    def __exit__(self, *a):
-        return False
+
+def _no_section(name: str, layer: int):
+    return _NULL

@@ -1,0 +1,141 @@
+"""scripts/make_synthetic.py: a tiny geometry through the generator. The flashmoe-pack model
+verifies and runs; the GGUF's Q4_0 experts dequantize to exactly the packed experts' values;
+llama.cpp (when llama-cpp-python is installed) computes nearly the same logits from the GGUF."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import flashmoe_pack
+from flashmoe_pack.pack import load_index
+from flashmoe_pack.pack.reader import decode_record, read_record
+from flashmoe_pack.quant import dequantize
+from flashmoe_pack.verify import verify_structure
+
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"_fmp_script_{name}", SCRIPTS / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+ms = load_script("make_synthetic")
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory) -> tuple[Path, Path]:
+    d = tmp_path_factory.mktemp("synth")
+    out = ms.write(d / "m", ms.text_config("tiny"), seed=7, gguf_path=d / "m.gguf", progress=False)
+    return out, d / "m.gguf"
+
+
+def test_q4_0_block_layout():
+    """Element j of a 32-block: MLX byte j//2 (low nibble when j is even); Q4_0 byte j (j < 16)
+    low nibble, else byte j-16 high nibble; d = the fp16 scale."""
+    vals = np.array([(7 * j + 3) % 16 for j in range(32)], np.uint8)
+    mlx = (vals[0::2] | (vals[1::2] << 4)).reshape(1, 16)
+    scale = np.array([[0.25]], np.float16)
+    blk = ms.mlx_to_q4_0(mlx, scale).reshape(18)
+    assert blk[:2].view(np.float16)[0] == np.float16(0.25)
+    qs = blk[2:]
+    assert [int(qs[j] & 15) for j in range(16)] + [int(qs[j] >> 4) for j in range(16)] == vals.tolist()
+
+
+def test_structure_verifies_and_index_says_fp16_scales(synth):
+    out, _ = synth
+    rep = verify_structure(out)
+    assert rep.ok, [str(p) for p in rep.problems]
+    q = load_index(out).raw["quantization"]
+    assert (q["bits"], q["group_size"], q["scale_dtype"]) == (4, 32, "float16")
+
+
+def test_loads_and_runs(synth):
+    out, _ = synth
+    m = flashmoe_pack.load(out, expert_cache=0)
+    logits = m.logits(list(range(1, 20)))
+    assert logits.shape == (19, 256) and torch.isfinite(logits).all()
+    gen = list(m.generate_ids([5, 6, 7], max_tokens=6, stop_ids=()))
+    assert len(gen) == 6 and gen == list(m.generate_ids([5, 6, 7], max_tokens=6, stop_ids=()))
+    m.close()
+
+
+def test_random_sign_scales_spread_routing(synth):
+    """Scales take both signs about equally, and routing over a prompt uses every expert."""
+    out, _ = synth
+    ix = load_index(out)
+    w = decode_record(read_record(ix, 0, 3), ix)
+    neg = (w.gate.scales < 0).float().mean().item()
+    assert 0.4 < neg < 0.6
+    assert torch.equal(w.gate.biases, w.gate.scales * -8)
+    m = flashmoe_pack.load(out, expert_cache="1GiB")
+    m.logits(list(range(0, 256, 3)))
+    assert len(m.store._cache) == 4 * 8  # 86 tokens x K=2: all 8 experts of all 4 layers read
+
+
+def test_same_seed_same_bytes(synth, tmp_path):
+    out, _ = synth
+    again = ms.write(tmp_path / "again", ms.text_config("tiny"), seed=7, progress=False)
+    assert json.loads((again / "index.json").read_text())["experts"] == load_index(out).raw["experts"]
+
+
+def test_gguf_experts_dequantize_identically(synth):
+    import gguf
+
+    out, gpath = synth
+    ix = load_index(out)
+    tensors = {t.name: t for t in gguf.GGUFReader(gpath).tensors}
+    for layer in range(4):
+        for proj in ("gate", "up", "down"):
+            t = tensors[f"blk.{layer}.ffn_{proj}_exps.weight"]
+            assert t.tensor_type == gguf.GGMLQuantizationType.Q4_0
+            deq = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)  # [E, out, in]
+            for e in range(8):
+                ref = dequantize(getattr(decode_record(read_record(ix, layer, e), ix), proj)).numpy()
+                np.testing.assert_array_equal(deq[e], ref)
+
+
+def test_gguf_resident_conversions(synth):
+    """Same bf16 bits for matrices; norms stored as 1 + w; A stored as -exp(A_log)."""
+    import gguf
+    from safetensors.torch import load_file
+
+    out, gpath = synth
+    t = {x.name: np.asarray(x.data) for x in gguf.GGUFReader(gpath).tensors}
+    res = {}
+    for f in sorted((out / "resident").glob("*.safetensors")):
+        res.update(load_file(f))
+    emb = res["model.embed_tokens.weight"].view(torch.int16).numpy()
+    assert np.array_equal(t["token_embd.weight"].view(np.int16).reshape(emb.shape), emb)
+    norm = res["model.layers.0.input_layernorm.weight"]
+    np.testing.assert_array_equal(t["blk.0.attn_norm.weight"], norm + 1)
+    a = -res["model.layers.0.linear_attn.A_log"].exp()  # hk=2, hv=4: V heads reordered to tiled order
+    np.testing.assert_allclose(t["blk.0.ssm_a"], a.reshape(2, 2).T.reshape(-1), rtol=1e-6)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python not installed")
+def test_llama_cpp_computes_the_same_model(synth):
+    """llama.cpp on the GGUF against flashmoe-pack in float32 on the packed model: llama.cpp quantizes
+    activations (Q8_0 for Q4_0 weights, bf16 for bf16 weights), so logits differ by a few percent;
+    a wrong tensor conversion (e.g. V heads not reordered) drops the correlation to ~0.3."""
+    out, gpath = synth
+    ids = [1, 2, 3, 4, 5, 6, 7, 8]
+    code = ("import sys, json; sys.path.insert(0, sys.argv[1]); import bench_cpu as b; "
+            "print(json.dumps(b.llama_logits(sys.argv[2], json.loads(sys.argv[3])).tolist()))")
+    r = subprocess.run([sys.executable, "-c", code, str(SCRIPTS), str(gpath), json.dumps(ids)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = np.array(json.loads(r.stdout.strip().splitlines()[-1]))
+    ref = flashmoe_pack.load(out, dtype="float32").logits(ids).numpy()
+    assert np.corrcoef(got.ravel(), ref.ravel())[0, 1] > 0.995
+    assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.6
