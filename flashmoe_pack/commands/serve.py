@@ -1,0 +1,88 @@
+"""`flashmoe-pack serve`: the OpenAI-compatible API (and Anthropic /v1/messages) over one packed model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def serve(
+    model: Optional[Path] = typer.Argument(
+        None, help="Packed model folder (default: the built-in tiny model)."
+    ),
+    host: str = typer.Option(
+        "127.0.0.1", help="Address to bind (0.0.0.0 exposes the server to the network)."
+    ),
+    port: int = typer.Option(8000, help="TCP port."),
+    max_queue: int = typer.Option(
+        16,
+        "--max-queue",
+        help="Requests that may wait behind the running one; more get 503 with Retry-After.",
+    ),
+    max_context: Optional[int] = typer.Option(
+        None,
+        "--max-context",
+        help="Prompt + completion tokens (default: the model's max_position_embeddings).",
+    ),
+    name: Optional[str] = typer.Option(
+        None, "--name", help="Model id clients ask for (default: folder name)."
+    ),
+    snapshots: int = typer.Option(8, help="Prompt-prefix state snapshots kept for reuse (0 disables reuse)."),
+    snapshot_memory: str = typer.Option("2GiB", help="Byte budget of the prefix snapshots."),
+    experts_per_token: Optional[int] = typer.Option(
+        None, "--experts-per-token", "-k", help="Experts per token (default: the model's own)."
+    ),
+    expert_cache: str = typer.Option(
+        "1GiB", help="Byte budget of the runtime's expert cache, e.g. 8GiB or 0."
+    ),
+    io: str = typer.Option("os", help="os (page cache) | direct (O_DIRECT / F_NOCACHE)."),
+    threads: int = typer.Option(8, help="Parallel expert reads."),
+    device: str = typer.Option("cpu", help="cpu | cuda | mps."),
+    compute_threads: Optional[int] = typer.Option(
+        None,
+        help="torch CPU threads (default: torch's choice; 1 is faster for small models on a busy machine).",
+    ),
+    log_level: str = typer.Option("info", help="uvicorn log level: warning, info, debug."),
+):
+    """Serve the model over HTTP: /v1/chat/completions, /v1/completions, /v1/messages, /v1/models, /health."""
+    from ..cli import _fail, _user_errors
+
+    with _user_errors():
+        if max_queue < 0 or snapshots < 0:
+            _fail("--max-queue and --snapshots must be >= 0", 2)
+        import uvicorn
+
+        from .. import load
+        from ..engine.runtime import parse_size
+        from ..engine.session import Session
+        from ..server import create_app
+
+        if compute_threads:
+            import torch
+
+            torch.set_num_threads(compute_threads)
+        m = load(
+            model,
+            device=device,
+            expert_cache=expert_cache,
+            io=io,
+            threads=threads,
+            experts_per_token=experts_per_token,
+        )
+        if m.tokenizer is None:
+            _fail(f"{m.path}: no tokenizer.json: the server needs the model's tokenizer")
+        session = Session(m, max_snapshots=snapshots, snapshot_bytes=parse_size(snapshot_memory))
+        app = create_app(session=session, name=name, max_queue=max_queue, max_context=max_context)
+        st = app.state.server
+        typer.echo(
+            f"serving {m.path} as '{st.name}' on http://{host}:{port}/v1 "
+            f"(context {st.max_context} tokens, queue {max_queue})",
+            err=True,
+        )
+        uvicorn.run(app, host=host, port=port, log_level=log_level)
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(serve)
