@@ -15,7 +15,6 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -227,20 +226,18 @@ def _history(path: Path | None):
 
 
 def chat(
-    model: Optional[Path] = typer.Argument(
-        None, help="Packed model folder (default: the built-in tiny model)."
-    ),
-    system: Optional[str] = typer.Option(None, help="System prompt."),
-    tools: Optional[Path] = typer.Option(None, help="JSON file of OpenAI tools; you type their results."),
+    model: Path | None = typer.Argument(None, help="Packed model folder (default: the built-in tiny model)."),
+    system: str | None = typer.Option(None, help="System prompt."),
+    tools: Path | None = typer.Option(None, help="JSON file of OpenAI tools; you type their results."),
     shell: bool = typer.Option(True, help="Offer the built-in `shell` tool (asks y/N before each command)."),
     think: bool = typer.Option(True, help="Let the model think before answering (/think on|off)."),
     max_tokens: int = typer.Option(1024, help="Maximum new tokens per reply."),
-    temperature: Optional[float] = typer.Option(None, help="Default: the model's generation_config."),
-    top_p: Optional[float] = typer.Option(None),
-    top_k: Optional[int] = typer.Option(None),
-    seed: Optional[int] = typer.Option(None),
-    history: Optional[Path] = typer.Option(None, help="Readline history file (default: in the cache dir)."),
-    experts_per_token: Optional[int] = typer.Option(None, "--experts-per-token", "-k"),
+    temperature: float | None = typer.Option(None, help="Default: the model's generation_config."),
+    top_p: float | None = typer.Option(None),
+    top_k: int | None = typer.Option(None),
+    seed: int | None = typer.Option(None),
+    history: Path | None = typer.Option(None, help="Readline history file (default: in the cache dir)."),
+    experts_per_token: int | None = typer.Option(None, "--experts-per-token", "-k"),
     expert_cache: str = typer.Option("1GiB", help="Byte budget of the runtime's expert cache."),
     device: str = typer.Option("cpu", help="cpu | cuda | mps."),
 ):

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
 
 def serve(
-    model: Optional[Path] = typer.Argument(
-        None, help="Packed model folder (default: the built-in tiny model)."
-    ),
+    model: Path | None = typer.Argument(None, help="Packed model folder (default: the built-in tiny model)."),
     host: str = typer.Option(
         "127.0.0.1", help="Address to bind (0.0.0.0 exposes the server to the network)."
     ),
@@ -21,17 +18,15 @@ def serve(
         "--max-queue",
         help="Requests that may wait behind the running one; more get 503 with Retry-After.",
     ),
-    max_context: Optional[int] = typer.Option(
+    max_context: int | None = typer.Option(
         None,
         "--max-context",
         help="Prompt + completion tokens (default: the model's max_position_embeddings).",
     ),
-    name: Optional[str] = typer.Option(
-        None, "--name", help="Model id clients ask for (default: folder name)."
-    ),
+    name: str | None = typer.Option(None, "--name", help="Model id clients ask for (default: folder name)."),
     snapshots: int = typer.Option(8, help="Prompt-prefix state snapshots kept for reuse (0 disables reuse)."),
     snapshot_memory: str = typer.Option("2GiB", help="Byte budget of the prefix snapshots."),
-    experts_per_token: Optional[int] = typer.Option(
+    experts_per_token: int | None = typer.Option(
         None, "--experts-per-token", "-k", help="Experts per token (default: the model's own)."
     ),
     expert_cache: str = typer.Option(
@@ -40,7 +35,7 @@ def serve(
     io: str = typer.Option("os", help="os (page cache) | direct (O_DIRECT / F_NOCACHE)."),
     threads: int = typer.Option(8, help="Parallel expert reads."),
     device: str = typer.Option("cpu", help="cpu | cuda | mps."),
-    compute_threads: Optional[int] = typer.Option(
+    compute_threads: int | None = typer.Option(
         None,
         help="torch CPU threads (default: torch's choice; 1 is faster for small models on a busy machine).",
     ),
