@@ -297,8 +297,8 @@ def _make_handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                     chunk = f.read(min(todo, 64 * 1024))
                     if not chunk:
                         break
+                    hub._count(name, len(chunk))  # before the write: the client may check as soon as it has it
                     self.wfile.write(chunk)
-                    hub._count(name, len(chunk))
                     todo -= len(chunk)
             if cut is not None:
                 self.wfile.flush()

@@ -155,3 +155,11 @@ def test_end_to_end_reference_engines(packed16, tiny_hub_src, engine):
     res = verify_end_to_end(flashmoe_pack.load(packed16), str(tiny_hub_src), n_prompts=3, engine=engine)
     assert all(r.max_rel < 1e-4 and r.top1 == 1.0 for r in res), res
     assert e2e_failures(res, 16) == []
+
+
+def test_last_only_logits_equal_last_row(packed16):
+    m = flashmoe_pack.load(packed16)
+    ids = torch.tensor(PROMPTS[1])
+    full = m.model.forward(ids, m.model.new_state())
+    last = m.model.forward(ids, m.model.new_state(), last_only=True)
+    assert last.shape == (1, full.shape[1]) and torch.equal(last[0], full[-1])

@@ -110,16 +110,24 @@ class Model:
     """A loaded packed model: resident weights in memory, experts streamed through the store."""
 
     def __init__(self, index: PackedIndex, device: str, expert_cache: int | str, io: str, threads: int,
-                 experts_per_token: int | None, dtype: torch.dtype | None, verify_reads: bool):
+                 experts_per_token: int | None, dtype: torch.dtype | None, verify_reads: bool,
+                 gpu_expert_cache: int | str = "auto"):
         self.index, self.path = index, index.path
         self.device = torch.device(device)
-        self.store = ExpertStore(index, parse_size(expert_cache), io=io, threads=threads,
-                                 verify_reads=verify_reads, device=self.device)
+        if self.device.type == "cuda":  # VRAM expert cache + Triton kernels (backends/cuda.py)
+            from ..backends.cuda import cuda_experts
+
+            self.store, self.experts = cuda_experts(index, gpu_expert_cache, io=io, threads=threads,
+                                                    verify_reads=verify_reads, device=self.device)
+        else:
+            self.store = ExpertStore(index, parse_size(expert_cache), io=io, threads=threads,
+                                     verify_reads=verify_reads, device=self.device)
         cls = get_model_class(index.raw["model_type"])
         overrides = {"num_experts_per_tok": experts_per_token} if experts_per_token else {}
         self.config = cls.config_class.from_dict(index.raw["config"], **overrides)
         self.kernel = get_kernel(self.device)
-        self.experts = StreamedExperts(self.store, self.kernel)
+        if self.device.type != "cuda":
+            self.experts = StreamedExperts(self.store, self.kernel)
         weights = load_resident(index, self.device, dtype, verify=verify_reads)
         self.model = cls(self.config, weights, self.experts)
         self.tokenizer = Tokenizer.from_dir(self.path) if (self.path / "tokenizer.json").is_file() else None
@@ -157,7 +165,7 @@ class Model:
         self.experts.profiler = profiler
         st = self.last_stats = GenerationStats(prompt_tokens=len(ids), store_before=self.store.stats.snapshot())
         t0 = time.perf_counter()
-        logits = self.model.forward(torch.tensor(ids, dtype=torch.long), state, profiler)[-1]
+        logits = self.model.forward(torch.tensor(ids, dtype=torch.long), state, profiler, last_only=True)[-1]
         try:
             for i in range(max_tokens):
                 tok = sample(logits, sampling.temperature, sampling.top_p, sampling.top_k, gen)
@@ -171,7 +179,7 @@ class Model:
                 yield tok
                 if tok in stops or i == max_tokens - 1:
                     break
-                logits = self.model.forward(torch.tensor([tok], dtype=torch.long), state, profiler)[-1]
+                logits = self.model.forward(torch.tensor([tok], dtype=torch.long), state, profiler, last_only=True)[-1]
         finally:
             self.experts.profiler = None
 
@@ -201,13 +209,16 @@ class Model:
 
 def load(path: str | Path | None = None, device: str = "cpu", expert_cache: int | str = "1GiB",
          io: str = "os", threads: int = 8, experts_per_token: int | None = None,
-         dtype: torch.dtype | str | None = None, verify_reads: bool = True) -> Model:
+         dtype: torch.dtype | str | None = None, verify_reads: bool = True,
+         gpu_expert_cache: int | str = "auto") -> Model:
     """Load a packed model directory (None: the built-in tiny default model).
 
     expert_cache: byte budget of the runtime's own expert cache ("2GiB", 0 to rely on the OS).
     io: "os" (page cache) or "direct" (O_DIRECT / F_NOCACHE). experts_per_token: smaller K than the
     model's own is faster and costs quality. dtype: compute dtype of resident weights (default: as stored).
     verify_reads: check every record read from disk against its xxhash64.
+    gpu_expert_cache: device "cuda": byte budget of the VRAM expert cache ("auto": most of the free
+    memory after the resident weights; there the RAM tier is the OS page cache, expert_cache unused).
     """
     if path is None:
         from ..default_model import default_model_dir
@@ -220,4 +231,5 @@ def load(path: str | Path | None = None, device: str = "cpu", expert_cache: int 
         raise RuntimeError("device 'mps' requested but this torch has no available MPS device (Apple Silicon)")
     if isinstance(dtype, str):
         dtype = fmt.DTYPES[dtype]
-    return Model(load_index(path), device, expert_cache, io, threads, experts_per_token, dtype, verify_reads)
+    return Model(load_index(path), device, expert_cache, io, threads, experts_per_token, dtype, verify_reads,
+                 gpu_expert_cache)

@@ -206,7 +206,7 @@ class Generation:
         for end in cuts:
             if self._cancel.is_set():
                 return None
-            logits = s.model.model.forward(torch.tensor(ids[pos:end], dtype=torch.long), state)[-1]
+            logits = s.model.model.forward(torch.tensor(ids[pos:end], dtype=torch.long), state, last_only=True)[-1]
             self.prefilled_tokens += end - pos
             s.total_prefilled_tokens += end - pos
             pos = end
@@ -243,7 +243,7 @@ class Generation:
                     break
                 if self.token_ids:
                     tok = self.token_ids[-1]
-                    logits = model.model.forward(torch.tensor([tok], dtype=torch.long), state)[-1]
+                    logits = model.model.forward(torch.tensor([tok], dtype=torch.long), state, last_only=True)[-1]
                     fed.append(tok)
                 p = self.sampling
                 tok = sample(logits, p.temperature, p.top_p, p.top_k, gen)

@@ -217,7 +217,7 @@ class Qwen35MoeModel:
         return Qwen35MoeState(0, kv, conv, rec)
 
     @torch.no_grad()
-    def forward(self, ids: Tensor, state: Qwen35MoeState, profiler=None) -> Tensor:
+    def forward(self, ids: Tensor, state: Qwen35MoeState, profiler=None, last_only: bool = False) -> Tensor:
         """Append tokens ids [T] to `state` (prefill, continued prefill or T=1 decode) and
         return float32 logits [T, vocab]. `profiler.section(name, layer)` times the parts;
         layer -1 is the embedding and the head."""
@@ -253,8 +253,10 @@ class Qwen35MoeModel:
                 x = x + (routed + shared)
         state.pos += ids.shape[0]
         with section("other", -1):
+            if last_only:  # generation needs one row: skip T-1 rows of the [T, vocab] head
+                x = x[-1:]
             x = rms_norm(x, self.final_norm, c.rms_norm_eps)
-            return F.linear(x, self.lm_head).float()  # [T, V]
+            return F.linear(x, self.lm_head).float()  # [T, V] (or [1, V])
 
     def _linear_attn(self, i: int, w: dict[str, Tensor], x: Tensor, state: Qwen35MoeState) -> Tensor:
         """Gated DeltaNet: short causal conv over q/k/v, then the gated delta rule, gated norm, out proj."""
