@@ -162,4 +162,5 @@ def test_last_only_logits_equal_last_row(packed16):
     ids = torch.tensor(PROMPTS[1])
     full = m.model.forward(ids, m.model.new_state())
     last = m.model.forward(ids, m.model.new_state(), last_only=True)
-    assert last.shape == (1, full.shape[1]) and torch.equal(last[0], full[-1])
+    assert last.shape == (1, full.shape[1])
+    assert torch.allclose(last[0], full[-1], rtol=1e-5, atol=1e-5)  # a 1-row matmul may sum in another order
