@@ -20,6 +20,10 @@ def get_kernel(device: str | torch.device):
         from .mps import MetalKernel
 
         return MetalKernel()
+    if dev.type == "cuda":
+        from .cuda import CudaKernel
+
+        return CudaKernel()
     return TorchKernel()
 
 

@@ -117,6 +117,9 @@ class Model:
         if self.device.type == "cuda":  # VRAM expert cache + Triton kernels (backends/cuda.py)
             from ..backends.cuda import cuda_experts
 
+            # cuDNN attention builds a plan for every new KV length, i.e. every decode step (40-70 ms
+            # each on the H200, scripts/gpu_check.py sdpa); flash/efficient SDPA need none.
+            torch.backends.cuda.enable_cudnn_sdp(False)
             self.store, self.experts = cuda_experts(index, gpu_expert_cache, io=io, threads=threads,
                                                     verify_reads=verify_reads, device=self.device)
         else:

@@ -1,0 +1,354 @@
+"""Triton kernels for group-wise affine (MLX layout) experts: all experts of a layer in one launch.
+
+An `ExpertTable` says where each expert's nine components live: one int32 base tensor for the
+packed words, one base tensor for scales and biases (bf16/fp16/fp32), and per expert nine element
+offsets from those bases (`OFFS`). The VRAM cache keeps every expert in one slot pool, so the
+table is (pool viewed as int32, pool viewed as the scale dtype, slot * slot_elems + component).
+
+Two kernel pairs, each with a torch twin that computes the same function:
+  decode (T <= DECODE_MAX_T): one program per (row block, assignment) computes silu(gate x) * up x,
+      then one per (row block, token) computes down h for the token's K experts and sums them with
+      their router weights. float32 throughout, in qmv_twin's (mps.py) FMA form: per 32-bit word
+      s1 = sum q*x, s2 = sum x, then scale * s1 + bias * s2 with the word's group.
+  prefill (grouped GEMM): assignments sorted by expert, tiles of BM assignments of one expert;
+      weight tiles are dequantized to x's dtype (as TorchKernel does) and multiplied with tl.dot,
+      float32 accumulation; h = silu(g) * u is rounded to x's dtype; down writes each assignment's
+      weighted row into y [T*K, H] float32, summed over K in torch (deterministic, no atomics).
+Under TRITON_INTERPRET=1 the same kernels run on CPU tensors (the CPU tests use that).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..quant import QTensor, dequantize
+from .mps import qmv_twin
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAVE_TRITON = True
+except ImportError:  # the twins stay usable without triton
+    HAVE_TRITON = False
+
+BITS = (2, 4, 8)
+# Component order of a row of `offs`: words offsets (int32 elements), then scale/bias offsets.
+OFFS = ("gate.weight", "up.weight", "down.weight", "gate.scales", "gate.biases", "up.scales", "up.biases",
+        "down.scales", "down.biases")
+DECODE_MAX_T = 4  # up to this many tokens per layer use the GEMV kernels
+# Launch configs, keyed by bits: (rows per program, columns per step, warps); scripts/gpu_check.py
+# times alternatives on the GPU (the table in its report). GEMM: BM assignments x BN rows tiles.
+DECODE_CFG = {2: (8, 1024, 4), 4: (8, 1024, 4), 8: (4, 512, 2)}
+GEMM_CFG = {"BM": 64, "BN": 64, "BK": 64, "warps": 4, "stages": 3}
+
+
+@dataclass
+class ExpertTable:
+    """Where the experts of one launch live (see module docstring). offs: int64 [E, 9] on device."""
+
+    words: torch.Tensor  # int32 base
+    scales: torch.Tensor  # scale-dtype base (scales and biases)
+    offs: torch.Tensor  # [E, 9] element offsets, columns as OFFS
+    bits: int
+    group_size: int
+    hidden: int  # H
+    inter: int  # I
+
+
+def _base_offsets(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
+    """A base tensor and each tensor's element offset from it (all same dtype, base = lowest address)."""
+    base = min(tensors, key=lambda t: t.data_ptr())
+    size = base.element_size()
+    offs = []
+    for t in tensors:
+        d = t.data_ptr() - base.data_ptr()
+        assert d % size == 0 and t.is_contiguous() and t.dtype == base.dtype, "components: aligned views"
+        offs.append(d // size)
+    return base, offs
+
+
+def table_from_experts(experts: list, hidden: int, inter: int) -> ExpertTable:
+    """An ExpertTable over ExpertWeights whose projections are QTensors (any storage, one device)."""
+    projs = [(w.gate, w.up, w.down) for w in experts]
+    q0 = projs[0][0]
+    words = [p.weight for ps in projs for p in ps]
+    scales = [t for ps in projs for p in ps for t in (p.scales, p.biases)]
+    wb, wo = _base_offsets(words)
+    sb, so = _base_offsets(scales)
+    rows = [wo[3 * i : 3 * i + 3] + so[6 * i : 6 * i + 6] for i in range(len(experts))]
+    offs = torch.tensor(rows, dtype=torch.int64).to(wb.device)
+    return ExpertTable(wb, sb, offs, q0.bits, q0.group_size, hidden, inter)
+
+
+def supported(qt: QTensor) -> bool:
+    """Shapes and dtypes the kernels handle (others run the torch kernel)."""
+    g = qt.group_size
+    return (qt.bits in BITS and qt.scales.dtype in (torch.bfloat16, torch.float16, torch.float32)
+            and g >= 32 // qt.bits and g & (g - 1) == 0 and g <= 1024)
+
+
+# ------------------------------------------------------------------------------------------ twins
+
+
+def decode_twin(x: torch.Tensor, experts: list, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The decode kernels' function: x [T, H], ids [T, K] into `experts`, weights [T, K] -> [T, H]."""
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    for t in range(x.shape[0]):
+        for k in range(ids.shape[1]):
+            w = experts[int(ids[t, k])]
+            g = qmv_twin(w.gate.weight, w.gate.scales, w.gate.biases, x[t], w.gate.bits, w.gate.group_size)
+            u = qmv_twin(w.up.weight, w.up.scales, w.up.biases, x[t], w.up.bits, w.up.group_size)
+            h = F.silu(g) * u  # float32 [I]
+            y = qmv_twin(w.down.weight, w.down.scales, w.down.biases, h, w.down.bits, w.down.group_size)
+            out[t] += weights[t, k].float() * y
+    return out.to(x.dtype)
+
+
+def gemm_twin(x: torch.Tensor, experts: list, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The prefill kernels' function: weights dequantized to x's dtype, float32 products, h in x's
+    dtype, the K weighted rows summed in float32."""
+    dt = x.dtype
+    y = torch.zeros(ids.shape + (x.shape[1],), dtype=torch.float32, device=x.device)  # [T, K, H]
+    for e in torch.unique(ids).tolist():
+        w = experts[e]
+        gate, up, down = (dequantize(p, torch.float32).to(dt).float() for p in (w.gate, w.up, w.down))
+        t, k = torch.nonzero(ids == e, as_tuple=True)
+        xe = x[t].float()
+        h = (F.silu(xe @ gate.T) * (xe @ up.T)).to(dt).float()
+        y[t, k] = (h @ down.T) * weights[t, k].float()[:, None]
+    return y.sum(1).to(dt)
+
+
+# ----------------------------------------------------------------------------------------- kernels
+# Variants timed on the H200 (scripts/gpu_check.py, Qwen3.5-397B geometry, q4, K=10) and dropped:
+# decode reducing per group after unpacking to [BN, BK] (reshapes): 171 us against 132 us here;
+# a program per assignment for down + a torch sum: 133 us, no gain; GEMM dequant that gathers each
+# value's word and scale (duplicate addresses) instead of unpack + reshape: 10x slower.
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _qmv_word(w_ptr, s_ptr, w_off, s_off, b_off, rows, rmask, k0, n_in, x3, xs,
+                  BN: tl.constexpr, BK: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr):
+        """Partial y[rows] over columns k0 .. k0+BK, qmv_twin's arithmetic: per word s1 = sum q*x,
+        s2 = sum x (x3 [BKW, P], xs [BKW]), then scale * s1 + bias * s2 with the word's group."""
+        P: tl.constexpr = 32 // BITS
+        BKW: tl.constexpr = BK // P
+        n_words = n_in // P
+        cw = k0 // P + tl.arange(0, BKW)
+        wm = rmask[:, None] & (cw < n_words)[None, :]
+        words = tl.load(w_ptr + w_off + rows[:, None] * n_words + cw[None, :], mask=wm, other=0)
+        q = (words[:, :, None] >> (tl.arange(0, P) * BITS)[None, None, :]) & ((1 << BITS) - 1)
+        q = q.to(tl.float32)
+        s1 = tl.sum(q * x3[None, :, :], axis=2)  # [BN, BKW]
+        gi = rows[:, None] * (n_in // G) + (cw // (G // P))[None, :]
+        s = tl.load(s_ptr + s_off + gi, mask=wm, other=0.0).to(tl.float32)
+        b = tl.load(s_ptr + b_off + gi, mask=wm, other=0.0).to(tl.float32)
+        return tl.sum(s * s1 + b * xs[None, :], axis=1)
+
+    @triton.jit
+    def _qmv(w_ptr, s_ptr, w_off, s_off, b_off, rows, rmask, xrow_ptr, n_in,
+             BN: tl.constexpr, BK: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr):
+        """y[rows] = W x over all n_in columns, x (any float dtype) read from xrow_ptr; float32."""
+        P: tl.constexpr = 32 // BITS
+        acc = tl.zeros([BN], dtype=tl.float32)
+        for k0 in range(0, n_in, BK):
+            cw = k0 // P + tl.arange(0, BK // P)
+            ci = cw[:, None] * P + tl.arange(0, P)[None, :]  # [BKW, P] column of each value
+            x3 = tl.load(xrow_ptr + ci, mask=ci < n_in, other=0.0).to(tl.float32)
+            acc += _qmv_word(w_ptr, s_ptr, w_off, s_off, b_off, rows, rmask, k0, n_in, x3, tl.sum(x3, axis=1),
+                             BN, BK, BITS, G)
+        return acc
+
+    @triton.jit
+    def _decode_gate_up(x_ptr, h_ptr, w_ptr, s_ptr, offs_ptr, aexp_ptr, n_in, n_out, K,
+                        BN: tl.constexpr, BK: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr):
+        """h[a] = silu(G_e x_t) * (U_e x_t) for assignment a = t*K + k of expert e, float32."""
+        pid_n = tl.program_id(0)
+        a = tl.program_id(1)
+        o = offs_ptr + tl.load(aexp_ptr + a).to(tl.int64) * 9
+        rows = pid_n * BN + tl.arange(0, BN)
+        rmask = rows < n_out
+        xrow = x_ptr + (a // K) * n_in
+        g = _qmv(w_ptr, s_ptr, tl.load(o + 0), tl.load(o + 3), tl.load(o + 4), rows, rmask, xrow, n_in,
+                 BN, BK, BITS, G)
+        u = _qmv(w_ptr, s_ptr, tl.load(o + 1), tl.load(o + 5), tl.load(o + 6), rows, rmask, xrow, n_in,
+                 BN, BK, BITS, G)
+        tl.store(h_ptr + a * n_out + rows, g / (1.0 + tl.exp(-g)) * u, mask=rmask)
+
+    @triton.jit
+    def _decode_down(h_ptr, out_ptr, w_ptr, s_ptr, offs_ptr, aexp_ptr, rw_ptr, n_in, n_out, K,
+                     BN: tl.constexpr, BK: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr):
+        """out[t] = sum_k rw[t*K+k] * D_e h[t*K+k], summed in float32, stored in out's dtype."""
+        pid_n = tl.program_id(0)
+        t = tl.program_id(1)
+        rows = pid_n * BN + tl.arange(0, BN)
+        rmask = rows < n_out
+        total = tl.zeros([BN], dtype=tl.float32)
+        for k in range(0, K):
+            a = t * K + k
+            o = offs_ptr + tl.load(aexp_ptr + a).to(tl.int64) * 9
+            y = _qmv(w_ptr, s_ptr, tl.load(o + 2), tl.load(o + 7), tl.load(o + 8), rows, rmask,
+                     h_ptr + a * n_in, n_in, BN, BK, BITS, G)
+            total += tl.load(rw_ptr + a).to(tl.float32) * y
+        tl.store(out_ptr + t * n_out + rows, total.to(out_ptr.dtype.element_ty), mask=rmask)
+
+    @triton.jit
+    def _dequant_tile(w_ptr, s_ptr, w_off, s_off, b_off, rows, rmask, k0, n_in,
+                      BN: tl.constexpr, BK: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr):
+        """Weight tile [BN, BK] = q * scale + bias in float32 (callers round it to x's dtype)."""
+        P: tl.constexpr = 32 // BITS
+        BKW: tl.constexpr = BK // P
+        NG: tl.constexpr = BK // G
+        n_words = n_in // P
+        n_groups = n_in // G
+        cw = k0 // P + tl.arange(0, BKW)
+        words = tl.load(w_ptr + w_off + rows[:, None] * n_words + cw[None, :],
+                        mask=rmask[:, None] & (cw < n_words)[None, :], other=0)
+        q = (words[:, :, None] >> (tl.arange(0, P) * BITS)[None, None, :]) & ((1 << BITS) - 1)
+        q = tl.reshape(q.to(tl.float32), (BN, NG, G))  # value j of a word at bits * j (MLX)
+        cg = k0 // G + tl.arange(0, NG)
+        gm = rmask[:, None] & (cg < n_groups)[None, :]
+        gi = rows[:, None] * n_groups + cg[None, :]
+        s = tl.load(s_ptr + s_off + gi, mask=gm, other=0.0).to(tl.float32)
+        b = tl.load(s_ptr + b_off + gi, mask=gm, other=0.0).to(tl.float32)
+        return tl.reshape(q * s[:, :, None] + b[:, :, None], (BN, BK))
+
+    @triton.jit
+    def _gemm(x_ptr, out_ptr, w_ptr, s_ptr, offs_ptr, order_ptr, tile_ptr, rw_ptr, n_in, n_out, K,
+              DOWN: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr,
+              BN: tl.constexpr, BK: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr):
+        """One tile of BM assignments of one expert (tile_ptr rows: expert, lo, hi into `order`).
+        gate+up (DOWN=0): x rows x[p // K] -> out[p] = silu(g) * u in out's dtype.
+        down (DOWN=1): x rows h[p] -> out[p] = rw[p] * D h[p] in float32."""
+        tile = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        e = tl.load(tile_ptr + tile * 3).to(tl.int64)
+        lo = tl.load(tile_ptr + tile * 3 + 1)
+        hi = tl.load(tile_ptr + tile * 3 + 2)
+        ar = lo + tl.arange(0, BM)
+        amask = ar < hi
+        p = tl.load(order_ptr + ar, mask=amask, other=0).to(tl.int64)  # flat assignment t*K + k
+        if DOWN:
+            src = p
+        else:
+            src = p // K
+        rows = pid_n * BN + tl.arange(0, BN)
+        rmask = rows < n_out
+        o = offs_ptr + e * 9
+        acc = tl.zeros([BM, BN], dtype=tl.float32)
+        acc_u = tl.zeros([BM, BN], dtype=tl.float32)
+        for k0 in range(0, n_in, BK):
+            cols = k0 + tl.arange(0, BK)
+            xm = amask[:, None] & (cols < n_in)[None, :]
+            xt = tl.load(x_ptr + src[:, None] * n_in + cols[None, :], mask=xm, other=0.0)
+            if DOWN:
+                w = _dequant_tile(w_ptr, s_ptr, tl.load(o + 2), tl.load(o + 7), tl.load(o + 8), rows, rmask,
+                                  k0, n_in, BN, BK, BITS, G)
+                acc += tl.dot(xt, tl.trans(w.to(x_ptr.dtype.element_ty)), input_precision=PREC)
+            else:
+                wg = _dequant_tile(w_ptr, s_ptr, tl.load(o + 0), tl.load(o + 3), tl.load(o + 4), rows, rmask,
+                                   k0, n_in, BN, BK, BITS, G)
+                wu = _dequant_tile(w_ptr, s_ptr, tl.load(o + 1), tl.load(o + 5), tl.load(o + 6), rows, rmask,
+                                   k0, n_in, BN, BK, BITS, G)
+                acc += tl.dot(xt, tl.trans(wg.to(x_ptr.dtype.element_ty)), input_precision=PREC)
+                acc_u += tl.dot(xt, tl.trans(wu.to(x_ptr.dtype.element_ty)), input_precision=PREC)
+        if DOWN:
+            res = acc * tl.load(rw_ptr + p, mask=amask, other=0.0).to(tl.float32)[:, None]
+        else:
+            res = acc / (1.0 + tl.exp(-acc)) * acc_u
+        om = amask[:, None] & rmask[None, :]
+        tl.store(out_ptr + p[:, None] * n_out + rows[None, :], res.to(out_ptr.dtype.element_ty), mask=om)
+
+
+# --------------------------------------------------------------------------------------- launchers
+
+
+def _check(x: torch.Tensor, table: ExpertTable) -> None:
+    assert HAVE_TRITON, "triton is not installed"
+    assert x.dim() == 2 and x.shape[1] == table.hidden and x.is_contiguous(), "x: contiguous [T, H]"
+    assert x.dtype in (torch.float32, torch.bfloat16, torch.float16), f"x dtype {x.dtype}"
+    assert table.words.dtype == torch.int32 and table.offs.dtype == torch.int64
+    assert table.offs.dim() == 2 and table.offs.shape[1] == len(OFFS) and table.offs.is_contiguous()
+    assert table.bits in BITS and table.hidden % table.group_size == 0 and table.inter % table.group_size == 0
+    assert table.words.device == x.device == table.scales.device == table.offs.device
+
+
+def moe_decode(x: torch.Tensor, table: ExpertTable, aexp: torch.Tensor, rw: torch.Tensor, k: int,
+               cfg: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """x [T, H]; aexp int32 [T*K]: row of `table.offs` of assignment t*K + k; rw [T*K] router
+    weights -> [T, H] in x's dtype (decode kernels)."""
+    _check(x, table)
+    t = x.shape[0]
+    assert aexp.dtype == torch.int32 and aexp.numel() == t * k and rw.numel() == t * k
+    bn, bk, warps = cfg or DECODE_CFG[table.bits]
+    g = table.group_size
+    bk_in, bk_mid = max(bk, g), max(min(bk, triton.next_power_of_2(table.inter)), g)
+    h = torch.empty(t * k, table.inter, dtype=torch.float32, device=x.device)
+    _decode_gate_up[(triton.cdiv(table.inter, bn), t * k)](
+        x, h, table.words, table.scales, table.offs, aexp, table.hidden, table.inter, k,
+        BN=bn, BK=bk_in, BITS=table.bits, G=g, num_warps=warps)
+    out = torch.empty_like(x)
+    _decode_down[(triton.cdiv(table.hidden, bn), t)](
+        h, out, table.words, table.scales, table.offs, aexp, rw.contiguous(), table.inter, table.hidden, k,
+        BN=bn, BK=bk_mid, BITS=table.bits, G=g, num_warps=warps)
+    return out
+
+
+def sort_assignments(ids, bm: int) -> tuple[np.ndarray, np.ndarray]:
+    """Host side of the grouped GEMM: ids [T, K] (rows of the table) -> (order, tiles): order lists
+    flat assignments t*K + k grouped by expert (stable), tiles holds (expert, lo, hi) per tile of
+    at most bm assignments of one expert, flattened. int32 arrays."""
+    flat = np.asarray(ids, dtype=np.int64).reshape(-1)
+    order = np.argsort(flat, kind="stable")
+    uniq, start, count = np.unique(flat[order], return_index=True, return_counts=True)
+    n = (count + bm - 1) // bm  # tiles per expert
+    first = np.repeat(np.cumsum(n) - n, n)
+    lo = np.repeat(start, n) + (np.arange(n.sum()) - first) * bm
+    hi = np.minimum(lo + bm, np.repeat(start + count, n))
+    return order.astype(np.int32), np.stack([np.repeat(uniq, n), lo, hi], 1).reshape(-1).astype(np.int32)
+
+
+def _to(a: np.ndarray, dev: torch.device) -> torch.Tensor:
+    t = torch.from_numpy(a)
+    return t.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else t
+
+
+def moe_gemm(x: torch.Tensor, table: ExpertTable, ids, rw: torch.Tensor, cfg: dict | None = None
+             ) -> torch.Tensor:
+    """x [T, H], ids [T, K] rows of `table.offs` (host lists or arrays), rw [T, K] -> [T, H] (prefill)."""
+    _check(x, table)
+    c = {**GEMM_CFG, **(cfg or {})}
+    t, k = x.shape[0], len(ids[0])
+    order, tiles = sort_assignments(ids, c["BM"])
+    dev = x.device
+    order_d, tiles_d = _to(order, dev), _to(tiles, dev)
+    n_tiles = len(tiles) // 3
+    g = table.group_size
+    prec = "ieee" if x.dtype == torch.float32 else "tf32"  # tf32 only matters for float32 inputs
+    h = torch.empty(t * k, table.inter, dtype=x.dtype, device=dev)
+    y = torch.empty(t * k, table.hidden, dtype=torch.float32, device=dev)
+    rwf = rw.reshape(-1).to(torch.float32).contiguous()
+    common = dict(PREC=prec, BM=c["BM"], BN=c["BN"], BK=max(c["BK"], g), BITS=table.bits, G=g,
+                  num_warps=c["warps"], num_stages=c["stages"])
+    _gemm[(n_tiles, triton.cdiv(table.inter, c["BN"]))](
+        x, h, table.words, table.scales, table.offs, order_d, tiles_d, rwf, table.hidden, table.inter, k,
+        DOWN=0, **common)
+    _gemm[(n_tiles, triton.cdiv(table.hidden, c["BN"]))](
+        h, y, table.words, table.scales, table.offs, order_d, tiles_d, rwf, table.inter, table.hidden, k,
+        DOWN=1, **common)
+    return y.view(t, k, table.hidden).sum(1).to(x.dtype)
+
+
+def moe_forward(x: torch.Tensor, table: ExpertTable, ids, rw: torch.Tensor) -> torch.Tensor:
+    """Routed experts of a layer: decode kernels for few tokens, grouped GEMM otherwise.
+    ids [T, K] rows of `table.offs` (host lists), rw [T, K] router weights."""
+    if x.shape[0] <= DECODE_MAX_T:
+        aexp = _to(np.asarray(ids, dtype=np.int32).reshape(-1), x.device)
+        return moe_decode(x, table, aexp, rw.reshape(-1), len(ids[0]))
+    return moe_gemm(x, table, ids, rw)

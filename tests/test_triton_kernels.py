@@ -1,0 +1,148 @@
+"""Triton expert kernels (decode GEMV, prefill grouped GEMM) against their torch twins, and the
+twins against plain dequantize-then-matmul. On a machine without CUDA the kernels run in
+Triton's CPU interpreter (TRITON_INTERPRET=1, set here before triton is imported); on the GPU
+box scripts/gpu_check.py runs this same file on CUDA.
+
+Interpreter limits (triton 3.9, seen here): a tl.dot of bfloat16 operands multiplies their raw
+uint16 bits, and float32 -> bfloat16 casts truncate. So on CPU the bfloat16-activation GEMM is
+left to the GPU run and bfloat16 decode outputs get one bf16 ulp of tolerance.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from flashmoe_pack.backends import triton_kernels as tk  # noqa: E402
+from flashmoe_pack.pack.reader import ExpertWeights  # noqa: E402
+from flashmoe_pack.quant import dequantize, quantize  # noqa: E402
+
+DEV = torch.device("cuda" if CUDA else "cpu")
+TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 4e-3 if CUDA else 1e-2}
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double().cpu(), b.double().cpu()
+    assert torch.isfinite(a).all(), "non-finite output"
+    return ((a - b).norm() / b.norm()).item()
+
+
+def make_experts(n: int, hidden: int, inter: int, bits: int, group: int, sdt: torch.dtype, seed: int):
+    """n random experts, each in its own record-like buffer, on DEV."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ps = []
+        for o, i in ((inter, hidden), (inter, hidden), (hidden, inter)):
+            qt = quantize(torch.randn(o, i, generator=g) * 0.1, bits, group, sdt, "minmax")
+            qt.weight, qt.scales, qt.biases = (t.to(DEV) for t in (qt.weight, qt.scales, qt.biases))
+            ps.append(qt)
+        out.append(ExpertWeights(*ps, nbytes=0))
+    return out
+
+
+def dense_ref(x, experts, ids, weights):
+    """float64 reference: dequantize, then matmul, per assignment."""
+    out = torch.zeros(x.shape, dtype=torch.float64)
+    for t in range(x.shape[0]):
+        for k in range(ids.shape[1]):
+            gate, up, down = (
+                dequantize(p).double().cpu()
+                for p in (
+                    experts[int(ids[t, k])].gate,
+                    experts[int(ids[t, k])].up,
+                    experts[int(ids[t, k])].down,
+                )
+            )
+            xt = x[t].double().cpu()
+            out[t] += float(weights[t, k]) * (down @ (F.silu(gate @ xt) * (up @ xt)))
+    return out
+
+
+def routing(t: int, k: int, e: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)])
+    w = torch.softmax(torch.randn(t, k, generator=g), -1)
+    return ids, w
+
+
+def test_triton_importable():
+    """The kernels need triton (the test extra installs it; CUDA machines ship it with torch)."""
+    assert tk.HAVE_TRITON, "triton is not installed: pip install triton"
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_twins_match_dequantized_matmul(bits):
+    """Both twins compute the expert MLP: against float64 dequantize-then-matmul."""
+    exps = make_experts(4, 96, 64, bits, 32, torch.bfloat16, seed=bits)
+    x = torch.randn(5, 96, device=DEV)
+    ids, w = routing(5, 2, 4, seed=1)
+    ref = dense_ref(x, exps, ids, w)
+    assert rel(tk.decode_twin(x, exps, ids.to(DEV), w.to(DEV)), ref) < 1e-5
+    assert rel(tk.gemm_twin(x, exps, ids.to(DEV), w.to(DEV)), ref) < 1e-5
+
+
+def test_sort_assignments():
+    order, tiles = tk.sort_assignments([[2, 0], [0, 1], [2, 1], [0, 2]], bm=2)
+    assert order.tolist() == [1, 2, 6, 3, 5, 0, 4, 7]  # flat t*K+k grouped by expert 0, 1, 2
+    assert tiles.tolist() == [0, 0, 2, 0, 2, 3, 1, 3, 5, 2, 5, 7, 2, 7, 8]
+
+
+# (bits, scale dtype, hidden, inter, group): odd sizes, rows and columns not multiples of the blocks
+SHAPES = [
+    (2, torch.bfloat16, 160, 96, 32),
+    (4, torch.bfloat16, 192, 320, 64),
+    (4, torch.float16, 96, 160, 32),
+    (8, torch.bfloat16, 160, 96, 32),
+    (8, torch.float16, 128, 64, 64),
+]
+
+
+@pytest.mark.parametrize("bits,sdt,hidden,inter,group", SHAPES)
+@pytest.mark.parametrize("xdt", [torch.float32, torch.bfloat16, torch.float16])
+def test_decode_kernels_match_twin(bits, sdt, hidden, inter, group, xdt):
+    exps = make_experts(6, hidden, inter, bits, group, sdt, seed=bits + hidden)
+    table = tk.table_from_experts(exps, hidden, inter)
+    for t, k, cfg in ((1, 4, None), (3, 2, (64, 64, 2))):  # 64-row blocks: partial row blocks too
+        x = torch.randn(t, hidden, device=DEV).to(xdt)
+        ids, w = routing(t, k, 6, seed=t)
+        ref = tk.decode_twin(x.float(), exps, ids.to(DEV), w.to(DEV))  # float32; rounding compared below
+        aexp = ids.reshape(-1).to(torch.int32).to(DEV)
+        got = tk.moe_decode(x, table, aexp, w.reshape(-1).to(DEV), k, cfg)
+        assert got.dtype == xdt and got.shape == (t, hidden)
+        assert rel(got, ref) < TOL[xdt], (t, k)
+
+
+GEMM_XDT = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])  # see module docstring
+
+
+@pytest.mark.parametrize("bits,sdt,hidden,inter,group", SHAPES)
+@pytest.mark.parametrize("xdt", GEMM_XDT)
+def test_gemm_kernels_match_twin(bits, sdt, hidden, inter, group, xdt):
+    exps = make_experts(5, hidden, inter, bits, group, sdt, seed=bits * hidden)
+    table = tk.table_from_experts(exps, hidden, inter)
+    t, k = 37, 3  # 111 assignments: several tiles for some experts, partial tiles for all
+    x = torch.randn(t, hidden, device=DEV).to(xdt)
+    ids, w = routing(t, k, 5, seed=7)
+    ref = tk.gemm_twin(x, exps, ids.to(DEV), w.to(DEV))
+    got = tk.moe_gemm(x, table, ids.tolist(), w.to(DEV), cfg={"BM": 16})
+    assert got.dtype == xdt
+    assert rel(got, ref) < TOL[xdt]
+
+
+def test_forward_picks_decode_or_gemm_and_skips_nothing():
+    """moe_forward: few tokens -> decode kernels, many -> GEMM; both equal the float64 reference."""
+    exps = make_experts(3, 64, 96, 4, 32, torch.bfloat16, seed=3)
+    table = tk.table_from_experts(exps, 64, 96)
+    for t in (1, tk.DECODE_MAX_T, tk.DECODE_MAX_T + 1, 20):
+        x = torch.randn(t, 64, device=DEV)
+        ids, w = routing(t, 2, 3, seed=t)
+        assert rel(tk.moe_forward(x, table, ids.tolist(), w.to(DEV)), dense_ref(x, exps, ids, w)) < 1e-5
