@@ -24,6 +24,15 @@ def get_kernel(device: str | torch.device):
         from .cuda import CudaKernel
 
         return CudaKernel()
+    if dev.type == "cpu":
+        from .cpu import select_kernel
+
+        kernel, reason = select_kernel()
+        if kernel is not None:
+            return kernel
+        fallback = TorchKernel()
+        fallback.fallback_reason = reason  # why the C kernels are not used (cpu.py logs it once)
+        return fallback
     return TorchKernel()
 
 

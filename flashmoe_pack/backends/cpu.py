@@ -1,0 +1,236 @@
+"""The `--device cpu` expert kernel: C kernels (runtime/cpu/) called through ctypes.
+
+The package build compiles runtime/cpu/*.c into flashmoe_pack/_cpu_kernels<ext suffix> (setup.py);
+it has no Python API, only the fmk_* functions of runtime/cpu/fmk.h. The kernels pick the
+instruction set at run time (AVX-512, AVX2+FMA, or portable C); FLASHMOE_ISA=scalar|avx2|avx512
+caps it and `set_isa` forces one (tests). Threads: the `threads` argument, else FLASHMOE_THREADS,
+else torch.get_num_threads(). FLASHMOE_CPU_KERNEL=torch makes backends.get_kernel("cpu") use the
+torch kernel instead (A/B runs).
+
+The torch twins are quant.dequantize + matmul (`matmul_twin`) and TorchKernel (the expert MLP):
+the C code computes the same products in float32, per group in the FMA form
+scale * sum(q*x) + bias * sum(x), so only the float32 summation order differs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.machinery
+import logging
+import os
+import threading
+from pathlib import Path
+
+import torch
+
+from ..pack.reader import ExpertWeights
+from ..quant import QTensor, dequantize
+
+log = logging.getLogger(__name__)
+
+LIB_STEM = "_cpu_kernels"
+ISAS = ("scalar", "avx2", "avx512")  # fmk_isa values 0, 1, 2
+DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # enum fmk_dtype
+ERRORS = {-1: "invalid argument", -2: "out of memory", -3: "cannot start a worker thread",
+          -4: "instruction set not supported by this CPU"}
+
+
+class CpuKernelError(RuntimeError):
+    """A C kernel returned an error code (fmk_strerror names it)."""
+
+    def __init__(self, what: str, code: int):
+        super().__init__(f"{what}: {ERRORS.get(code, 'unknown error')} (fmk status {code})")
+        self.code = code
+
+
+class FmkMatrix(ctypes.Structure):
+    """struct fmk_matrix (runtime/cpu/fmk.h), field for field."""
+
+    _fields_ = [("weight", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("biases", ctypes.c_void_p),
+                ("rows", ctypes.c_int64), ("cols", ctypes.c_int64), ("bits", ctypes.c_int32),
+                ("group_size", ctypes.c_int32), ("wdtype", ctypes.c_int32), ("sdtype", ctypes.c_int32)]
+
+
+def library_path() -> Path | None:
+    """The built shared library inside the package (any ABI tag this interpreter accepts), or the
+    file FLASHMOE_CPU_LIB names (another build of runtime/cpu, e.g. the portable-only one)."""
+    if os.environ.get("FLASHMOE_CPU_LIB"):
+        return Path(os.environ["FLASHMOE_CPU_LIB"])
+    here = Path(__file__).resolve().parent.parent
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        if (here / f"{LIB_STEM}{suffix}").is_file():
+            return here / f"{LIB_STEM}{suffix}"
+    return None
+
+
+_lock = threading.Lock()
+_loaded: dict[str, object] = {}  # "lib" -> CDLL, or "error" -> why there is none
+
+
+def library():
+    """(CDLL, None), or (None, reason) when the C kernels cannot be used. Loaded once."""
+    with _lock:
+        if not _loaded:
+            path = library_path()
+            try:
+                if path is None or not path.is_file():
+                    where = path or f"{LIB_STEM}*.so in flashmoe_pack/"
+                    raise FileNotFoundError(f"no {where} (the package was installed without building "
+                                            "runtime/cpu: run `pip install -e .`)")
+                _loaded["lib"] = _declare(ctypes.CDLL(str(path)))
+            except (OSError, AttributeError) as e:  # missing file, wrong arch, missing symbol
+                _loaded["error"] = f"CPU kernels unavailable ({type(e).__name__}: {e})"
+        return _loaded.get("lib"), _loaded.get("error")
+
+
+def _declare(lib):
+    mat, f32p, i64, i32 = ctypes.POINTER(FmkMatrix), ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.fmk_matmul.argtypes = [mat, f32p, i64, f32p, i32]
+    lib.fmk_expert_forward.argtypes = [mat, mat, mat, f32p, i64, f32p, i32]
+    lib.fmk_read_bytes.argtypes = [ctypes.c_void_p, i64, i32, ctypes.POINTER(ctypes.c_uint64)]
+    for name in ("fmk_isa_supported", "fmk_set_isa", "fmk_isa_name"):
+        getattr(lib, name).argtypes = [i32]
+    lib.fmk_isa_name.restype = ctypes.c_char_p
+    for name in ("fmk_matmul", "fmk_expert_forward", "fmk_read_bytes", "fmk_isa_supported", "fmk_isa_best",
+                 "fmk_isa_active", "fmk_set_isa"):
+        getattr(lib, name).restype = ctypes.c_int
+    return lib
+
+
+def available() -> bool:
+    return library()[0] is not None
+
+
+def unavailable_reason() -> str | None:
+    """None when the C kernels load, else why not."""
+    return library()[1]
+
+
+def _lib():
+    lib, reason = library()
+    if lib is None:
+        raise RuntimeError(reason)
+    return lib
+
+
+def supported_isas() -> list[str]:
+    """The instruction sets this CPU can run, lowest first."""
+    lib = _lib()
+    return [name for i, name in enumerate(ISAS) if lib.fmk_isa_supported(i)]
+
+
+def active_isa() -> str:
+    return ISAS[_lib().fmk_isa_active()]
+
+
+def set_isa(name: str | None) -> None:
+    """Force an instruction set for this process (None: back to FLASHMOE_ISA / the best)."""
+    rc = _lib().fmk_set_isa(-1 if name is None else ISAS.index(name))
+    if rc:
+        raise CpuKernelError(f"set_isa({name!r})", rc)
+
+
+def default_threads() -> int:
+    env = os.environ.get("FLASHMOE_THREADS")
+    return int(env) if env else max(1, torch.get_num_threads())
+
+
+def fmk_matrix(p: QTensor | torch.Tensor) -> FmkMatrix:
+    """The C view of one projection (asserts what the kernels assume: CPU, contiguous, dtypes, shapes).
+    The struct holds raw pointers: keep `p` alive while it is used."""
+    if isinstance(p, QTensor):
+        out, n = p.shape
+        per_word = 32 // p.bits
+        assert p.bits in (2, 4, 8), f"bits {p.bits}"
+        assert p.weight.dtype in (torch.int32, torch.uint32) and p.weight.dim() == 2, "words: int32 2-D"
+        assert p.scales.dtype in DTYPES and p.biases.dtype == p.scales.dtype, "scales/biases: one float dtype"
+        assert p.group_size % per_word == 0 and n % p.group_size == 0, "group size: whole words, whole groups"
+        assert p.scales.shape == p.biases.shape == (out, n // p.group_size), "scales/biases [out, in/group]"
+        for t in (p.weight, p.scales, p.biases):
+            assert t.is_contiguous() and t.device.type == "cpu", "tensors must be contiguous on the CPU"
+        return FmkMatrix(p.weight.data_ptr(), p.scales.data_ptr(), p.biases.data_ptr(), out, n, p.bits,
+                         p.group_size, 0, DTYPES[p.scales.dtype])
+    assert isinstance(p, torch.Tensor) and p.dim() == 2, "float weight: 2-D tensor [out, in]"
+    assert p.dtype in DTYPES, f"float weight dtype {p.dtype} (float32, float16, bfloat16)"
+    assert p.is_contiguous() and p.device.type == "cpu", "float weight must be contiguous on the CPU"
+    return FmkMatrix(p.data_ptr(), None, None, p.shape[0], p.shape[1], 16, 0, DTYPES[p.dtype], 0)
+
+
+def _check_x(x: torch.Tensor, n: int) -> None:
+    assert x.dtype == torch.float32 and x.dim() == 2 and x.shape[1] == n, f"x: float32 [T, {n}]"
+    assert x.is_contiguous() and x.device.type == "cpu", "x must be contiguous on the CPU"
+
+
+def matmul(x: torch.Tensor, p: QTensor | torch.Tensor, threads: int | None = None) -> torch.Tensor:
+    """x [T, in] float32 @ W^T -> [T, out] float32 (decode for T == 1, batched otherwise)."""
+    m = fmk_matrix(p)
+    _check_x(x, m.cols)
+    y = torch.empty(x.shape[0], m.rows, dtype=torch.float32)
+    threads = threads or default_threads()
+    rc = _lib().fmk_matmul(ctypes.byref(m), x.data_ptr(), x.shape[0], y.data_ptr(), threads)
+    if rc:
+        raise CpuKernelError("fmk_matmul", rc)
+    return y
+
+
+def matmul_twin(x: torch.Tensor, p: QTensor | torch.Tensor) -> torch.Tensor:
+    """The torch twin of `matmul`: dequantize, then matmul (float32)."""
+    w = dequantize(p) if isinstance(p, QTensor) else p.float()
+    return x.float() @ w.T
+
+
+def expert_forward(x: torch.Tensor, w: ExpertWeights, threads: int | None = None) -> torch.Tensor:
+    """down(silu(gate x) * up x) for x [T, H] float32 -> [T, H] float32, one C call."""
+    gate, up, down = fmk_matrix(w.gate), fmk_matrix(w.up), fmk_matrix(w.down)
+    assert (gate.rows, gate.cols) == (up.rows, up.cols) == (down.cols, down.rows), "expert shapes"
+    _check_x(x, gate.cols)
+    y = torch.empty(x.shape[0], down.rows, dtype=torch.float32)
+    rc = _lib().fmk_expert_forward(ctypes.byref(gate), ctypes.byref(up), ctypes.byref(down), x.data_ptr(),
+                                   x.shape[0], y.data_ptr(), threads or default_threads())
+    if rc:
+        raise CpuKernelError("fmk_expert_forward", rc)
+    return y
+
+
+def read_bandwidth_probe(buf: torch.Tensor, threads: int | None = None) -> int:
+    """Read all of buf (contiguous, a multiple of 32 bytes) with `threads` threads; returns a checksum."""
+    assert buf.is_contiguous() and buf.device.type == "cpu"
+    out = ctypes.c_uint64()
+    nbytes = buf.numel() * buf.element_size()
+    rc = _lib().fmk_read_bytes(buf.data_ptr(), nbytes, threads or default_threads(), ctypes.byref(out))
+    if rc:
+        raise CpuKernelError("fmk_read_bytes", rc)
+    return out.value
+
+
+class CpuKernel:
+    """Expert MLP on the CPU through the C kernels (float32 activations inside)."""
+
+    name = "cpu-c"
+
+    def __init__(self, threads: int | None = None):
+        _lib()  # raise now, with the reason, rather than on the first token
+        self.threads = threads
+
+    def expert_mlp(self, x: torch.Tensor, w: ExpertWeights) -> torch.Tensor:
+        """x [T, H] -> [T, H] in x's dtype (bf16/fp16 -> float32 is exact; the result is rounded back)."""
+        xf = x.to(torch.float32).contiguous()  # [T, H]
+        return expert_forward(xf, w, self.threads or default_threads()).to(x.dtype)
+
+
+_logged: set[str] = set()
+
+
+def select_kernel(threads: int | None = None) -> tuple[CpuKernel | None, str | None]:
+    """(CpuKernel, None) for backends.get_kernel("cpu"), or (None, why the torch kernel runs instead)."""
+    if os.environ.get("FLASHMOE_CPU_KERNEL", "").lower() == "torch":
+        reason = "FLASHMOE_CPU_KERNEL=torch"
+    else:
+        reason = unavailable_reason()
+    if reason is None:
+        return CpuKernel(threads), None
+    if reason not in _logged:  # once per process, never per token
+        _logged.add(reason)
+        level = logging.INFO if reason.startswith("FLASHMOE_CPU_KERNEL") else logging.WARNING
+        log.log(level, "CPU expert kernel: using the torch kernel: %s", reason)
+    return None, reason
