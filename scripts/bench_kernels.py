@@ -1,12 +1,13 @@
 """Benchmark the C CPU expert kernels (backends/cpu.py) against the torch twin, at real geometry.
 
     python scripts/bench_kernels.py [--hidden 4096 --inter 1024] [--bits 4 2 8] [--tokens 1 16]
-                                    [--threads 1 2] [--isa avx512] [--reps 15] [--pool-mib 96]
+                                    [--threads 1 2] [--isa avx512] [--dot f32 int8] [--reps 15]
 
 One expert forward, down(silu(gate x) * up x), per call, at Qwen3.5-397B-A17B's expert geometry
 (H=4096, I=1024) by default. Experts rotate through a pool larger than the last-level cache, so
 weights come from DRAM, as they do in the runtime after a read. Reported per (bits, T, threads):
-median ms per expert, GB/s of weight bytes (packed words + scales + biases), that as a fraction of
+median ms per expert for each decode arithmetic (f32, and int8 where the CPU has it), GB/s of
+weight bytes (packed words + scales + biases), that as a fraction of
 the memory read bandwidth measured in the same run with the same threads (a C read loop,
 fmk_read_bytes; numpy's single-thread sum is printed too), how busy the kernel's threads were
 (CPU time / wall time: contention shows there), and the torch twin (TorchKernel: dequantize +
@@ -102,6 +103,7 @@ def main() -> int:
     ap.add_argument("--isa", choices=cpu.ISAS, help="force an instruction set (default: the best)")
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--pool-mib", type=int, default=96, help="expert pool size (> last-level cache)")
+    ap.add_argument("--dot", nargs="+", choices=cpu.DOTS, help="decode arithmetics (default: all supported)")
     ap.add_argument("--no-torch", action="store_true", help="skip the torch twin (slow at T=16)")
     args = ap.parse_args()
     if not cpu.available():
@@ -117,8 +119,9 @@ def main() -> int:
     per_threads = ", ".join(f"{t} thread(s) {b / 1e9:.1f} GB/s" for t, b in bw.items())
     print(f"# memory read bandwidth (C loop): {per_threads}; "
           f"numpy sum 1 thread {numpy_bandwidth(args.reps) / 1e9:.1f} GB/s")
-    head = (f"{'bits':>4} {'T':>3} {'thr':>3} | {'C ms':>8} {'GB/s':>6} {'% read BW':>9} {'tok/s':>8} "
-            f"{'busy':>6} | {'torch ms':>8} {'C speedup':>9}")
+    dots = args.dot or cpu.supported_dots()
+    head = (f"{'bits':>4} {'T':>3} {'thr':>3} {'dot':>4} | {'C ms':>8} {'GB/s':>6} {'% read BW':>9} "
+            f"{'tok/s':>8} {'busy':>6} | {'torch ms':>8} {'C speedup':>9}")
     print(head)
     print("-" * len(head))
     torch_threads = torch.get_num_threads()
@@ -127,23 +130,27 @@ def main() -> int:
         for T in args.tokens:
             x = torch.randn(T, H)
             for threads in args.threads:
-                call = cycling(cpu.expert_forward, pool, x, threads)
-                c, c_cpu = median_times(call, args.reps, calls=len(pool))
                 tw = float("nan")
                 if not args.no_torch:
                     torch.set_num_threads(threads)
                     tw = median_time(cycling(TorchKernel().expert_mlp, pool, x), max(3, args.reps // 3),
                                      calls=len(pool) if T == 1 else 2)
                     torch.set_num_threads(torch_threads)
-                gbs = nbytes / c
-                print(f"{bits:>4} {T:>3} {threads:>3} | {c * 1e3:8.3f} {gbs / 1e9:6.1f} "
-                      f"{100 * gbs / bw[threads]:8.0f}% {T / c:8.0f} {100 * c_cpu / (c * threads):5.0f}% | "
-                      f"{tw * 1e3:8.2f} {tw / c:8.1f}x")
+                for dot in dots if T <= 3 else ["f32"]:  # int8 is a decode (T <= 3) arithmetic
+                    cpu.set_dot(dot)
+                    call = cycling(cpu.expert_forward, pool, x, threads)
+                    c, c_cpu = median_times(call, args.reps, calls=len(pool))
+                    cpu.set_dot(None)
+                    gbs = nbytes / c
+                    print(f"{bits:>4} {T:>3} {threads:>3} {dot:>4} | {c * 1e3:8.3f} {gbs / 1e9:6.1f} "
+                          f"{100 * gbs / bw[threads]:8.0f}% {T / c:8.0f} {100 * c_cpu / (c * threads):5.0f}%"
+                          " | "
+                          f"{tw * 1e3:8.2f} {tw / c:8.1f}x")
     q4_bytes = 3 * (inter * H // 2 + 4 * inter * H // args.group)
     print(f"# weight bytes per expert: words + bf16 scales/biases (q4: {q4_bytes} B); GB/s: those bytes / C"
-          " time;"
-          " tok/s: T / C time; busy: process CPU time / (wall x threads), below 100% the kernel's threads"
-          " waited or were descheduled (a shared machine)")
+          " time; tok/s: T / C time; busy: process CPU time / (wall x threads), below 100% the kernel's"
+          " threads waited or were descheduled (a shared machine); dot: f32 = float32 FMA form (default),"
+          " int8 = opt-in int8 activations (FLASHMOE_CPU_DOT=int8)")
     return 0
 
 

@@ -7,6 +7,8 @@ gamma_n * sum|terms| of the exact sum (gamma_n ~ n * 2**-24), whatever the order
 terms are per group scale * sum(q*x) and bias * sum(x), so the bound uses
 mag = (|q*scale| + |bias|) @ |x| and n = in + groups + 32 (the lane and final reductions).
 This is a worst case: real errors are ~100x smaller; the twin meets the same bound (checked).
+The opt-in int8 decode (set_dot("int8")) also rounds x to dx * round(x / dx), dx = max|x| / 127
+per weight group: at most dx/2 per element, so its bound adds (|q*scale| @ dx/2).
 """
 
 from __future__ import annotations
@@ -65,11 +67,18 @@ def exact(p) -> tuple[torch.Tensor, torch.Tensor]:
     return q * s + b, (q * s).abs() + b.abs()
 
 
-def bound(p, x: torch.Tensor) -> torch.Tensor:
-    """Worst-case float32 error of y = x W^T, per element [T, out]."""
+def bound(p, x: torch.Tensor, int8: bool = False) -> torch.Tensor:
+    """Worst-case error of y = x W^T in float32 (and int8 activations), per element [T, out]."""
     _, mag_w = exact(p)
     n = p.shape[1] + (p.shape[1] // p.group_size if isinstance(p, QTensor) else 0) + 32
-    return n * U * (x.double().abs() @ mag_w.T) + 1e-30
+    err = n * U * (x.double().abs() @ mag_w.T) + 1e-30
+    if int8 and isinstance(p, QTensor):
+        q = unpack_bits(p.weight, p.bits).double()
+        qs = (q * p.scales.double().repeat_interleave(p.group_size, 1)).abs()  # [out, in]
+        T, n_in = x.shape
+        amax = x.double().abs().reshape(T, n_in // p.group_size, p.group_size).amax(-1)
+        err = err + (amax / 254).repeat_interleave(p.group_size, 1) @ qs.T * 1.001  # + dx/2 per element
+    return err
 
 
 CASES = ([(b, d) for b in (2, 4, 8) for d in (torch.bfloat16, torch.float16)] + [(4, torch.float32)]
@@ -101,7 +110,7 @@ def expert(bits: int, dtype: torch.dtype, hidden: int, inter: int, seed: int) ->
     return ExpertWeights(*ps, nbytes=0)
 
 
-def expert_bound(w: ExpertWeights, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def expert_bound(w: ExpertWeights, x: torch.Tensor, int8: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact expert output (float64) and a worst-case bound on a float32 implementation's error:
     gate/up errors (bound()) carried through h = silu(g) * u (|silu'| <= 1.1), h's own rounding,
     then the down product's error."""
@@ -109,9 +118,9 @@ def expert_bound(w: ExpertWeights, x: torch.Tensor) -> tuple[torch.Tensor, torch
     xd = x.double()
     g, u = xd @ g_w.T, xd @ u_w.T
     h = F.silu(g) * u
-    dh = 1.1 * u.abs() * bound(w.gate, x) + F.silu(g).abs() * bound(w.up, x) + 4 * U * h.abs()
+    dh = 1.1 * u.abs() * bound(w.gate, x, int8) + F.silu(g).abs() * bound(w.up, x, int8) + 4 * U * h.abs()
     y = h @ d_w.T
-    return y, dh @ d_w.abs().T + bound(w.down, h.abs().float()) * 1.01
+    return y, dh @ d_w.abs().T + bound(w.down, (h.abs() + dh).float(), int8) * 1.01
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8, 16])
@@ -147,6 +156,37 @@ def test_bf16_activations_round_trip():
     y = cpu.CpuKernel(2).expert_mlp(x, w)
     assert y.dtype == torch.bfloat16
     assert torch.equal(y, cpu.expert_forward(x.float(), w, 2).to(torch.bfloat16))
+
+
+@pytest.fixture
+def int8_dot():
+    if "int8" not in cpu.supported_dots():
+        pytest.skip("CPU lacks AVX-512 VNNI: no int8 decode")
+    cpu.set_isa("avx512")
+    cpu.set_dot("int8")
+    assert cpu.active_dot() == "int8"
+    yield
+    cpu.set_dot(None)
+    cpu.set_isa(None)
+
+
+@pytest.mark.parametrize("bits,dtype", [(b, d) for b in (2, 4, 8) for d in (torch.bfloat16, torch.float16)])
+def test_int8_decode_within_its_bound(int8_dot, bits, dtype):
+    """Opt-in int8 activations: decode (T <= 3) within float + rounding bound; T > 3 stays float."""
+    for si, (out, n, group) in enumerate(SHAPES):
+        p = make_weight(out, n, bits, dtype, group, seed=si)
+        w_exact, _ = exact(p)
+        for T in (1, 3, 5):
+            x = torch.randn(T, n, generator=torch.Generator().manual_seed(7 + T))
+            ref = x.double() @ w_exact.T
+            y1, y2 = cpu.matmul(x, p, 1), cpu.matmul(x, p, 2)
+            assert torch.equal(y1, y2)
+            tol = bound(p, x, int8=T <= 3)
+            assert ((y1.double() - ref).abs() <= tol).all(), f"bits={bits} {out}x{n} T={T}"
+    w = expert(bits, dtype, 192, 128, seed=bits)
+    x = torch.randn(2, 192)
+    ref, tol = expert_bound(w, x, int8=True)
+    assert ((cpu.CpuKernel(2).expert_mlp(x, w).double() - ref).abs() <= tol).all()
 
 
 def _lib():
@@ -185,7 +225,7 @@ def test_error_codes():
                                      y.data_ptr(), 1) == -1
     checksum = ctypes.c_uint64()
     assert _lib().fmk_read_bytes(x.data_ptr(), 100, 1, ctypes.byref(checksum)) == -1  # not a multiple of 32
-    assert _lib().fmk_set_isa(7) == -4
+    assert _lib().fmk_set_isa(7) == -4 and _lib().fmk_set_dot(5) == -4
     for name in cpu.ISAS:
         if name not in cpu.supported_isas():
             with pytest.raises(cpu.CpuKernelError, match="not supported"):
@@ -203,10 +243,12 @@ def test_isa_report_and_env():
     supported = cpu.supported_isas()
     print(f"\nCPU kernel ISAs supported here: {supported} (tests ran each); default {cpu.active_isa()}")
     assert supported[0] == "scalar" and cpu.active_isa() == supported[-1]
-    code = "from flashmoe_pack.backends import cpu; print(cpu.active_isa())"
-    env = {**os.environ, "FLASHMOE_ISA": "scalar"}
+    print(f"decode arithmetics supported: {cpu.supported_dots()}; default {cpu.active_dot()}")
+    assert cpu.active_dot() == "f32"
+    code = "from flashmoe_pack.backends import cpu; print(cpu.active_isa(), cpu.active_dot())"
+    env = {**os.environ, "FLASHMOE_ISA": "scalar", "FLASHMOE_CPU_DOT": "int8"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "scalar"
+    assert out.stdout.split() == ["scalar", "f32"]  # int8 runs only under the avx512 ISA
 
 
 def test_get_kernel_cpu(monkeypatch):

@@ -3,7 +3,10 @@
 The package build compiles runtime/cpu/*.c into flashmoe_pack/_cpu_kernels<ext suffix> (setup.py);
 it has no Python API, only the fmk_* functions of runtime/cpu/fmk.h. The kernels pick the
 instruction set at run time (AVX-512, AVX2+FMA, or portable C); FLASHMOE_ISA=scalar|avx2|avx512
-caps it and `set_isa` forces one (tests). Threads: the `threads` argument, else FLASHMOE_THREADS,
+caps it and `set_isa` forces one (tests). Decode products (T <= 3) are float32 FMA-form by default;
+FLASHMOE_CPU_DOT=int8 (or `set_dot("int8")`) quantizes activations to int8 per weight group and uses
+AVX-512 VNNI dot products where the CPU has them: faster when compute bound, less exact (fmk.h).
+Threads: the `threads` argument, else FLASHMOE_THREADS,
 else torch.get_num_threads(). FLASHMOE_CPU_KERNEL=torch makes backends.get_kernel("cpu") use the
 torch kernel instead (A/B runs).
 
@@ -30,6 +33,7 @@ log = logging.getLogger(__name__)
 
 LIB_STEM = "_cpu_kernels"
 ISAS = ("scalar", "avx2", "avx512")  # fmk_isa values 0, 1, 2
+DOTS = ("f32", "int8")  # fmk_dot values 0, 1: decode arithmetic (fmk.h)
 DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # enum fmk_dtype
 ERRORS = {-1: "invalid argument", -2: "out of memory", -3: "cannot start a worker thread",
           -4: "instruction set not supported by this CPU"}
@@ -88,11 +92,11 @@ def _declare(lib):
     lib.fmk_matmul.argtypes = [mat, f32p, i64, f32p, i32]
     lib.fmk_expert_forward.argtypes = [mat, mat, mat, f32p, i64, f32p, i32]
     lib.fmk_read_bytes.argtypes = [ctypes.c_void_p, i64, i32, ctypes.POINTER(ctypes.c_uint64)]
-    for name in ("fmk_isa_supported", "fmk_set_isa", "fmk_isa_name"):
+    for name in ("fmk_isa_supported", "fmk_set_isa", "fmk_isa_name", "fmk_dot_supported", "fmk_set_dot"):
         getattr(lib, name).argtypes = [i32]
     lib.fmk_isa_name.restype = ctypes.c_char_p
     for name in ("fmk_matmul", "fmk_expert_forward", "fmk_read_bytes", "fmk_isa_supported", "fmk_isa_best",
-                 "fmk_isa_active", "fmk_set_isa"):
+                 "fmk_isa_active", "fmk_set_isa", "fmk_dot_supported", "fmk_dot_active", "fmk_set_dot"):
         getattr(lib, name).restype = ctypes.c_int
     return lib
 
@@ -128,6 +132,23 @@ def set_isa(name: str | None) -> None:
     rc = _lib().fmk_set_isa(-1 if name is None else ISAS.index(name))
     if rc:
         raise CpuKernelError(f"set_isa({name!r})", rc)
+
+
+def supported_dots() -> list[str]:
+    """Decode arithmetics this CPU can run: "f32" always, "int8" on AVX-512 VNNI CPUs."""
+    lib = _lib()
+    return [name for i, name in enumerate(DOTS) if lib.fmk_dot_supported(i)]
+
+
+def active_dot() -> str:
+    return DOTS[_lib().fmk_dot_active()]
+
+
+def set_dot(name: str | None) -> None:
+    """Force the decode arithmetic for this process (None: back to FLASHMOE_CPU_DOT / "f32")."""
+    rc = _lib().fmk_set_dot(-1 if name is None else DOTS.index(name))
+    if rc:
+        raise CpuKernelError(f"set_dot({name!r})", rc)
 
 
 def default_threads() -> int:

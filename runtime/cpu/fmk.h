@@ -8,6 +8,7 @@
  *
  * The instruction set is chosen at run time (fmk_isa_active): the best the CPU supports, or a
  * lower one forced by the environment variable FLASHMOE_ISA=scalar|avx2|avx512 or fmk_set_isa.
+ * The decode arithmetic likewise: FLASHMOE_CPU_DOT=f32|int8 or fmk_set_dot (enum fmk_dot).
  */
 #ifndef FMK_H
 #define FMK_H
@@ -32,6 +33,12 @@ enum fmk_status {
 enum fmk_dtype { FMK_F32 = 0, FMK_F16 = 1, FMK_BF16 = 2 };
 
 enum fmk_isa { FMK_ISA_SCALAR = 0, FMK_ISA_AVX2 = 1, FMK_ISA_AVX512 = 2, FMK_ISA_COUNT = 3 };
+
+/* Arithmetic of the decode products (T <= 3, quantized weights). FMK_DOT_F32 (default): float32
+ * FMA form, exact to float32 rounding. FMK_DOT_INT8 (opt-in, AVX-512 VNNI CPUs with the avx512
+ * ISA active): activations quantized to int8 per weight group, integer dot products; faster
+ * where compute bound, with the error of the activation rounding (|dx| / 2 per element). */
+enum fmk_dot { FMK_DOT_F32 = 0, FMK_DOT_INT8 = 1 };
 
 /* One weight matrix W [rows, cols] (out features x in features), as stored in a record. */
 typedef struct fmk_matrix {
@@ -63,6 +70,9 @@ FMK_API int fmk_isa_best(void);          /* the best supported ISA */
 FMK_API int fmk_isa_active(void);        /* the ISA the kernels use now */
 FMK_API int fmk_set_isa(int isa);        /* force an ISA (-1: back to FLASHMOE_ISA / best) */
 FMK_API const char *fmk_isa_name(int isa);
+FMK_API int fmk_dot_supported(int dot);  /* 1 if this CPU can run `dot` (enum fmk_dot) */
+FMK_API int fmk_dot_active(void);        /* the decode arithmetic used now (int8: only under avx512) */
+FMK_API int fmk_set_dot(int dot);        /* force it (-1: back to FLASHMOE_CPU_DOT / f32) */
 FMK_API const char *fmk_strerror(int status);
 
 #ifdef __cplusplus

@@ -37,18 +37,23 @@ static const fmk_kernels *isa_kernels(int isa) {
 /* The kernels for m under the active ISA. A vector path finds each lane's group by a fixed
  * permutation and a shift: words per group must be a power of two (any power-of-two group
  * size); other group sizes take the portable path. */
-static const fmk_kernels *kernels_for(const fmk_matrix *m, int isa) {
+static const fmk_kernels *kernels_for(const fmk_matrix *m, int isa, int64_t T) {
     const fmk_kernels *k = isa_kernels(isa);
     if (m->bits != 16) {
         const int64_t wpg = m->group_size / (32 / m->bits);
         if (wpg & (wpg - 1)) return &fmk_kernels_scalar;
+#ifdef FMK_X86
+        if (isa == FMK_ISA_AVX512 && T <= FMK_INT8_MAX_T && fmk_dot_active() == FMK_DOT_INT8)
+            return &fmk_kernels_vnni;
+#endif
     }
+    (void)T;
     return k;
 }
 
 /* Activations x [T, cols] in the block order of fmk_internal.h, zero padded, and for quantized
  * weights the sum of each word's activations [T, xstride / P] in the same order (the bias term). */
-static int prepare_x(fmk_job *job, const fmk_kernels *k, const float *x, float **bufs) {
+static int prepare_x(fmk_job *job, const fmk_kernels *k, const float *x, void **bufs) {
     const fmk_matrix *m = job->m[0];
     const int64_t cols = m->cols, L = k->lanes, T = job->T;
     const int64_t P = m->bits == 16 ? 1 : 32 / m->bits, nwords = cols / P;
@@ -77,21 +82,20 @@ static int prepare_x(fmk_job *job, const fmk_kernels *k, const float *x, float *
 
 /* Runs job (its m, epilogue, T, y set) over x with kernels k on `threads` threads. */
 static int run_job(fmk_job *job, const fmk_kernels *k, const float *x, int threads) {
-    float *bufs[2] = {NULL, NULL};
-    int rc = prepare_x(job, k, x, bufs);
+    void *bufs[3] = {NULL, NULL, NULL};
+    int rc = k->prepare ? k->prepare(job, x, bufs) : prepare_x(job, k, x, bufs);
     if (!rc) {
         job->status = FMK_OK;
         rc = fmk_parallel_for(threads, job->m[0]->rows, k->tile_rows, k->rows, job);
         if (!rc) rc = job->status;
     }
-    free(bufs[0]);
-    free(bufs[1]);
+    for (int i = 0; i < 3; i++) free(bufs[i]);
     return rc;
 }
 
 static int matmul(const fmk_matrix *w, const float *x, int64_t T, float *y, int threads, int isa) {
-    fmk_job job = {{w, NULL}, FMK_STORE, T, NULL, NULL, 0, y, FMK_OK};
-    return run_job(&job, kernels_for(w, isa), x, threads);
+    fmk_job job = {.m = {w, NULL}, .epilogue = FMK_STORE, .T = T, .y = y};
+    return run_job(&job, kernels_for(w, isa, T), x, threads);
 }
 
 int fmk_matmul(const fmk_matrix *w, const float *x, int64_t T, float *y, int threads) {
@@ -119,8 +123,8 @@ int fmk_expert_forward(const fmk_matrix *gate, const fmk_matrix *up, const fmk_m
     float *h = malloc((size_t)(T * I) * sizeof(float)); /* silu(gate x) * up x  [T, I] */
     if (!h) return FMK_ENOMEM;
     if (same_layout(gate, up)) { /* one pass over x for both (the usual case: one record) */
-        fmk_job job = {{gate, up}, FMK_SILU_MUL, T, NULL, NULL, 0, h, FMK_OK};
-        rc = run_job(&job, kernels_for(gate, isa), x, threads);
+        fmk_job job = {.m = {gate, up}, .epilogue = FMK_SILU_MUL, .T = T, .y = h};
+        rc = run_job(&job, kernels_for(gate, isa, T), x, threads);
     } else { /* e.g. per-module bit overrides: two products, then silu(g) * u */
         float *u = malloc((size_t)(T * I) * sizeof(float));
         rc = u ? matmul(gate, x, T, h, threads, isa) : FMK_ENOMEM;

@@ -34,6 +34,9 @@ typedef struct fmk_job {
     const float *xp;        /* [T, xstride] activations in the ISA's block order, zero padded */
     const float *xsum;      /* quantized: [T, xstride/P] sum of each word's P activations */
     int64_t xstride;
+    const int8_t *xq;       /* int8 decode (kern_vnni.c): [T, qstride] quantized activations */
+    const float *xscale;    /* int8 decode: [T, gstride] their scale per weight group */
+    int64_t qstride, gstride;
     float *y;               /* [T, rows] */
     int status;             /* FMK_OK, or the first failure a worker saw (fmk_job_fail) */
 } fmk_job;
@@ -47,12 +50,18 @@ typedef struct fmk_kernels {
     int lanes;         /* floats per vector: fixes the activation block order */
     int tile_rows;     /* rows per register tile (row ranges split on this grain) */
     fmk_range_fn rows; /* ctx: fmk_job */
+    /* lays out x for `rows` (fills the job's activation fields; the buffers to free go to
+     * bufs[0..2]); NULL: the float block order of fmk_api.c */
+    int (*prepare)(fmk_job *job, const float *x, void **bufs);
 } fmk_kernels;
 
 extern const fmk_kernels fmk_kernels_scalar;
 #ifdef FMK_X86
 extern const fmk_kernels fmk_kernels_avx2;
 extern const fmk_kernels fmk_kernels_avx512;
+extern const fmk_kernels fmk_kernels_vnni; /* int8 decode, T < FMK_INT8_MAX_T */
+#define FMK_INT8_MAX_T 3
+int fmk_int8_cpu(void); /* AVX-512 with BW and VNNI */
 #endif
 
 /* Activation layout for quantized weights with P = 32/bits values per word and L lanes: word

@@ -7,7 +7,7 @@
 
 static const char *const isa_names[FMK_ISA_COUNT] = {"scalar", "avx2", "avx512"};
 
-static int forced = -1; /* fmk_set_isa; -1: none */
+static int forced = -1, forced_dot = -1; /* fmk_set_isa, fmk_set_dot; -1: none */
 
 int fmk_isa_supported(int isa) {
     if (isa == FMK_ISA_SCALAR) return 1;
@@ -51,6 +51,41 @@ int fmk_set_isa(int isa) {
     if (isa < 0 || isa >= FMK_ISA_COUNT || !fmk_isa_supported(isa)) return FMK_EISA;
     __atomic_store_n(&forced, isa, __ATOMIC_RELAXED);
     return FMK_OK;
+}
+
+#ifdef FMK_X86
+int fmk_int8_cpu(void) {
+    __builtin_cpu_init();
+    return fmk_isa_supported(FMK_ISA_AVX512) && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vnni");
+}
+#endif
+
+int fmk_dot_supported(int dot) {
+    if (dot == FMK_DOT_F32) return 1;
+#ifdef FMK_X86
+    if (dot == FMK_DOT_INT8) return fmk_int8_cpu();
+#endif
+    return 0;
+}
+
+/* FLASHMOE_CPU_DOT=int8 (or fmk_set_dot) asks for int8 decode products; they run where the CPU
+ * has them and the avx512 ISA is active. */
+int fmk_dot_active(void) {
+    const int f = __atomic_load_n(&forced_dot, __ATOMIC_RELAXED);
+    const char *v = getenv("FLASHMOE_CPU_DOT");
+    const int want = f >= 0 ? f : (v && !strcmp(v, "int8") ? FMK_DOT_INT8 : FMK_DOT_F32);
+    if (want == FMK_DOT_INT8 && fmk_dot_supported(FMK_DOT_INT8) && fmk_isa_active() == FMK_ISA_AVX512)
+        return FMK_DOT_INT8;
+    return FMK_DOT_F32;
+}
+
+int fmk_set_dot(int dot) {
+    if (dot == -1 || ((dot == FMK_DOT_F32 || dot == FMK_DOT_INT8) && fmk_dot_supported(dot))) {
+        __atomic_store_n(&forced_dot, dot, __ATOMIC_RELAXED);
+        return FMK_OK;
+    }
+    return FMK_EISA;
 }
 
 const char *fmk_isa_name(int isa) { return isa >= 0 && isa < FMK_ISA_COUNT ? isa_names[isa] : "unknown"; }

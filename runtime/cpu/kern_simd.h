@@ -7,7 +7,7 @@
  *                          shared by all tokens (dtile) instead of the FMA form (qtile)
  *   FMK_CHUNK              activations per batched chunk (a multiple of 32 * FMK_L)
  *   FMK_TARGET             function attribute selecting the ISA (empty for scalar)
- *   FMK_FN(name)           the ISA-prefixed name, FMK_KERNELS the table's name
+ *   FMK_FN(name)           the ISA-prefixed name, FMK_KERNELS the table's name (if any)
  *   V, VI, VX              float vector, 32-bit word vector, lane permutation
  *   v_zero() v_set1(f) v_load(p) v_store(p, v) v_add v_mul v_fma(a, b, c) = a*b + c  v_hsum(v)  vi_load(p)
  *   v_q(w, BITS, k)        value k of each lane's word: q = (w >> BITS*k) & (2^BITS - 1) as a float,
@@ -325,4 +325,6 @@ FMK_TARGET static void FMK_FN(rows)(void *ctx, int64_t r0, int64_t r1) {
     }
 }
 
-const fmk_kernels FMK_KERNELS = {FMK_L, FMK_DR, FMK_FN(rows)};
+#ifdef FMK_KERNELS /* kern_vnni.c takes only the helpers */
+const fmk_kernels FMK_KERNELS = {FMK_L, FMK_DR, FMK_FN(rows), NULL};
+#endif
