@@ -10,7 +10,6 @@ import json
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -39,7 +38,7 @@ def _user_errors():
         _fail(str(e).strip("'\""))
 
 
-def _stream_quantize(repo_id: str, revision: Optional[str], out: Path, scratch: Optional[Path], **qkw) -> Path:
+def _stream_quantize(repo_id: str, revision: str | None, out: Path, scratch: Path | None, **qkw) -> Path:
     """Fetch one shard, pack it, delete it, go on: scratch disk stays near two shards."""
     from . import hub
     from .pack import done_shards, quantize
@@ -62,10 +61,10 @@ def _stream_quantize(repo_id: str, revision: Optional[str], out: Path, scratch: 
 @app.command()
 def download(
     repo_id: str = typer.Argument("Qwen/Qwen3.5-397B-A17B", help="Hugging Face repo id."),
-    revision: Optional[str] = typer.Option(None, help="Branch, tag or commit."),
-    dir: Optional[Path] = typer.Option(None, "--dir", help="Where to put the files (default: ./<repo name>)."),
+    revision: str | None = typer.Option(None, help="Branch, tag or commit."),
+    dir: Path | None = typer.Option(None, "--dir", help="Where to put the files (default: ./<repo name>)."),
     quantize_: bool = typer.Option(False, "--quantize", help="Stream: download, pack and delete shard by shard."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Packed output folder (with --quantize)."),
+    out: Path | None = typer.Option(None, "--out", help="Packed output folder (with --quantize)."),
     bits: int = typer.Option(4, help="Expert bits with --quantize: 2, 4, 8 or 16."),
     group_size: int = typer.Option(64, help="Quantization group size with --quantize."),
 ):
@@ -94,8 +93,8 @@ def quantize(
                                                     "dequantized at load: halves the file)."),
     method: str = typer.Option("mse", help="mse (error-minimising scale/bias) or minmax."),
     from_hub: bool = typer.Option(False, "--from-hub", help="SRC is a repo id: stream shards from the hub."),
-    revision: Optional[str] = typer.Option(None, help="Revision with --from-hub."),
-    scratch: Optional[Path] = typer.Option(None, help="Scratch folder for streamed shards."),
+    revision: str | None = typer.Option(None, help="Revision with --from-hub."),
+    scratch: Path | None = typer.Option(None, help="Scratch folder for streamed shards."),
 ):
     """Quantize the experts and repack into page-aligned per-layer expert files with an index."""
     from .pack import quantize as do_quantize
@@ -115,8 +114,8 @@ def quantize(
 @app.command()
 def verify(
     packed: Path = typer.Argument(..., help="Packed model folder."),
-    reference: Optional[Path] = typer.Option(None, help="Source checkpoint to compare against."),
-    fast: Optional[int] = typer.Option(None, help="Check N sampled records per layer instead of all."),
+    reference: Path | None = typer.Option(None, help="Source checkpoint to compare against."),
+    fast: int | None = typer.Option(None, help="Check N sampled records per layer instead of all."),
     prompts: int = typer.Option(0, help="End-to-end: compare logits on N prompts (needs --reference)."),
     reference_engine: str = typer.Option("auto", help="auto (transformers if the model fits in RAM) | "
                                                       "transformers | runtime (source weights streamed)."),
@@ -156,7 +155,6 @@ def verify(
 def _verify_e2e(packed: Path, reference: Path, prompts: int, engine: str, bits: int) -> bool:
     from . import load
     from .verify import e2e_failures, format_e2e, verify_end_to_end
-
     from .verify.end_to_end import choose_engine
 
     engine = choose_engine(str(reference)) if engine == "auto" else engine
@@ -172,15 +170,15 @@ def _verify_e2e(packed: Path, reference: Path, prompts: int, engine: str, bits: 
 
 @app.command()
 def run(
-    model: Optional[Path] = typer.Argument(None, help="Packed model folder (default: the built-in tiny model)."),
+    model: Path | None = typer.Argument(None, help="Packed model folder (default: the built-in tiny model)."),
     prompt: str = typer.Option("Hello", help="Prompt text."),
     tokens: int = typer.Option(64, help="Maximum new tokens."),
     chat: bool = typer.Option(False, help="Wrap the prompt in the model's chat template."),
     temperature: float = typer.Option(0.0, help="0 = greedy."),
     top_p: float = typer.Option(1.0),
     top_k: int = typer.Option(0, help="0 = no top-k cut."),
-    seed: Optional[int] = typer.Option(None),
-    experts_per_token: Optional[int] = typer.Option(None, "--experts-per-token", "-k",
+    seed: int | None = typer.Option(None),
+    experts_per_token: int | None = typer.Option(None, "--experts-per-token", "-k",
                                                     help="Experts per token (default: the model's own). "
                                                          "Fewer is faster but costs quality."),
     expert_cache: str = typer.Option("1GiB", help="Byte budget of the runtime's expert cache, e.g. 8GiB or 0."),

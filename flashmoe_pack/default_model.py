@@ -268,7 +268,8 @@ def _configs(tok: Tokenizer) -> tuple[dict, dict, dict]:
     generation = {"do_sample": True, "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]],
                   "pad_token_id": ids["<|endoftext|>"], "temperature": 0.6, "top_k": 20, "top_p": 0.95}
     tok_config = {"tokenizer_class": "TokenizersBackend", "eos_token": "<|im_end|>",
-                  "pad_token": "<|endoftext|>", "bos_token": None, "unk_token": None, "add_bos_token": False, "add_prefix_space": False,
+                  "pad_token": "<|endoftext|>", "bos_token": None, "unk_token": None, "add_bos_token": False,
+                  "add_prefix_space": False,
                   "clean_up_tokenization_spaces": False, "errors": "replace", "model_max_length": 32768,
                   "split_special_tokens": False}
     return config, generation, tok_config

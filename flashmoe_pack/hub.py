@@ -22,9 +22,9 @@ import os
 import re
 import shutil
 import threading
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
 
 from huggingface_hub import HfApi, constants, hf_hub_download
 from huggingface_hub import errors as hf_errors
@@ -311,7 +311,7 @@ def stream_shards(repo_id: str = DEFAULT_REPO, revision: str | None = None,
                 fetch(name)
         yield scratch
         for i, name in enumerate(shards):
-            path = (job or _Job(lambda: fetch(name))).get()
+            path = (job or _Job(lambda: fetch(name))).get()  # noqa: B023 - run at once, in this iteration
             job = None
             if prefetch and i + 1 < len(shards):
                 job = _Job(lambda nxt=shards[i + 1]: fetch(nxt))

@@ -72,7 +72,8 @@ def make_hub_layout(src: Path, dst: Path) -> Path:
         out[new] = t
     for i in range(L):
         p = f"model.layers.{i}.mlp.experts"
-        gate_up = torch.stack([torch.cat([w[f"{p}.{e}.gate_proj.weight"], w[f"{p}.{e}.up_proj.weight"]]) for e in range(E)])
+        gate_up = torch.stack([torch.cat([w[f"{p}.{e}.gate_proj.weight"], w[f"{p}.{e}.up_proj.weight"]])
+                               for e in range(E)])  # [E, 2I, H]: gate rows, then up rows
         down = torch.stack([w[f"{p}.{e}.down_proj.weight"] for e in range(E)])
         out[f"model.language_model.layers.{i}.mlp.experts.gate_up_proj"] = gate_up.contiguous()
         out[f"model.language_model.layers.{i}.mlp.experts.down_proj"] = down.contiguous()

@@ -112,7 +112,7 @@ class FakeHub:
             self.gets.clear()
             self.requests.clear()
 
-    def start(self) -> "FakeHub":
+    def start(self) -> FakeHub:
         self._thread.start()
         return self
 

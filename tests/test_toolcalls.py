@@ -11,12 +11,11 @@ import re
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from flashmoe_pack.chat import Delta, StreamParser, ToolCall, parse
 from flashmoe_pack.tokenizer import compile_chat_template
-
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 TEMPLATES = Path(__file__).parent / "fixtures" / "templates"
 
@@ -97,7 +96,7 @@ def _reference(text: str, tool_format="auto", reasoning=False, tools=None) -> li
 
 
 def hermes(name, args):
-    return '<tool_call>\n{"name": "%s", "arguments": %s}\n</tool_call>' % (name, json.dumps(args))
+    return f'<tool_call>\n{{"name": "{name}", "arguments": {json.dumps(args)}}}\n</tool_call>'
 
 
 def xml(name, args):

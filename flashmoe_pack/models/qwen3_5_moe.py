@@ -20,8 +20,16 @@ from torch import Tensor
 
 from flashmoe_pack.models import register
 from flashmoe_pack.models.layers import (
-    KVCache, apply_partial_rope, attention, causal_conv1d, gated_delta_rule, gated_rms_norm, rms_norm,
-    rope_cos_sin, rope_inv_freq, swiglu,
+    KVCache,
+    apply_partial_rope,
+    attention,
+    causal_conv1d,
+    gated_delta_rule,
+    gated_rms_norm,
+    rms_norm,
+    rope_cos_sin,
+    rope_inv_freq,
+    swiglu,
 )
 
 

@@ -22,6 +22,7 @@ from ..quant import QTensor, dequantize, quantize
 from ..sources.checkpoint import Checkpoint, ExpertPiece, Resident, Skipped
 from . import format as fmt
 
+
 def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:

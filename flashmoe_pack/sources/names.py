@@ -19,7 +19,8 @@ _PREFIXES = (
 # Tensors of other modalities and of multi-token prediction: not part of the text model we run.
 _SKIP = re.compile(r"^(model\.visual\.|visual\.|mtp\.|model\.mtp\.|vision_tower\.|model\.vision_tower\.)")
 
-_PER_EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.(weight|scales|biases|weight_scale_inv)$")
+_PER_EXPERT = re.compile(
+    r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.(weight|scales|biases|weight_scale_inv)$")
 _FUSED = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(gate_up|down)_proj(?:\.weight)?$")
 _SWITCH = re.compile(r"^model\.layers\.(\d+)\.mlp\.switch_mlp\.(gate|up|down)_proj\.(weight|scales|biases)$")
 
