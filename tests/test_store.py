@@ -166,11 +166,11 @@ def test_sum_order_does_not_depend_on_read_order(small):
     ids = torch.tensor([[0, 9], [3, 9], [12, 0], [7, 3], [9, 12]])
     w = torch.rand(5, 2).to(torch.bfloat16)
     outs = []
-    for delays in ({0: 0.2, 3: 0.1}, {9: 0.2, 12: 0.1, 7: 0.05}):
-        st = SlowStore(ix, cache_bytes=0, threads=6, delays=delays)
-        outs.append(StreamedExperts(st, get_kernel("cpu")).forward(0, x, ids, w))
+    for delays, overlap in (({0: 0.2, 3: 0.1}, True), ({9: 0.2, 12: 0.1, 7: 0.05}, True), ({}, False)):
+        st = SlowStore(ix, cache_bytes=0, threads=6, inflight=2, delays=delays)
+        outs.append(StreamedExperts(st, get_kernel("cpu"), overlap=overlap).forward(0, x, ids, w))
         st.close()
-    assert torch.equal(outs[0], outs[1])
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
 
 
 _PEAK = """

@@ -19,8 +19,9 @@ from .store import ExpertStore
 
 
 class StreamedExperts:
-    def __init__(self, store: ExpertStore, kernel, profiler=None):
+    def __init__(self, store: ExpertStore, kernel, profiler=None, overlap: bool = True):
         self.store, self.kernel, self.profiler = store, kernel, profiler
+        self.overlap = overlap  # False: wait for every read of the layer, then compute (benchmarks)
 
     def forward(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [T, H], ids [T, K], weights [T, K] -> weighted sum of the chosen experts' outputs [T, H]."""
@@ -30,17 +31,22 @@ class StreamedExperts:
         out = torch.zeros_like(x)
         ready: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # expert -> (token rows, weighted output)
         nxt = 0  # uniq[:nxt] are summed into out
-        stream = self.store.stream(layer, uniq)
+        stream = self.store.stream(layer, uniq, hold=not self.overlap)
+        batch: list = []  # overlap off: the whole layer, computed once the last read is in
         while True:
             with section("expert_io", layer):  # waits only when no read has completed yet
                 item = next(stream, None)
             if item is None:
                 break
-            e, w = item
+            batch.append(item)
+            if not self.overlap and len(batch) < len(uniq):
+                continue
             with section("expert_compute", layer):
-                tok, slot = torch.nonzero(ids == e, as_tuple=True)  # tokens routed to e
-                y = self.kernel.expert_mlp(x[tok], w)  # [n, H]
-                ready[e] = (tok, y * weights[tok, slot, None].to(y.dtype))
+                for e, w in batch:
+                    tok, slot = torch.nonzero(ids == e, as_tuple=True)  # tokens routed to e
+                    y = self.kernel.expert_mlp(x[tok], w)  # [n, H]
+                    ready[e] = (tok, y * weights[tok, slot, None].to(y.dtype))
+                batch = []
                 while nxt < len(uniq) and uniq[nxt] in ready:
                     rows, contrib = ready.pop(uniq[nxt])
                     out.index_add_(0, rows, contrib)
