@@ -1,13 +1,12 @@
 """scripts/make_synthetic.py: a tiny geometry through the generator. The flashmoe-pack model
-verifies and runs; the GGUF's Q4_0 experts dequantize to exactly the packed experts' values;
-llama.cpp (when llama-cpp-python is installed) computes nearly the same logits from the GGUF."""
+verifies and runs; the GGUF's Q4_0 experts dequantize to exactly the packed experts' values.
+That llama.cpp computes nearly the same logits from the GGUF is checked by
+scripts/check_llama_cpp.py (it needs llama-cpp-python, which CI does not build)."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -121,21 +120,3 @@ def test_gguf_resident_conversions(synth):
     np.testing.assert_array_equal(t["blk.0.attn_norm.weight"], norm + 1)
     a = -res["model.layers.0.linear_attn.A_log"].exp()  # hk=2, hv=4: V heads reordered to tiled order
     np.testing.assert_allclose(t["blk.0.ssm_a"], a.reshape(2, 2).T.reshape(-1), rtol=1e-6)
-
-
-@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python not installed")
-def test_llama_cpp_computes_the_same_model(synth):
-    """llama.cpp on the GGUF against flashmoe-pack in float32 on the packed model: llama.cpp quantizes
-    activations (Q8_0 for Q4_0 weights, bf16 for bf16 weights), so logits differ by a few percent;
-    a wrong tensor conversion (e.g. V heads not reordered) drops the correlation to ~0.3."""
-    out, gpath = synth
-    ids = [1, 2, 3, 4, 5, 6, 7, 8]
-    code = ("import sys, json; sys.path.insert(0, sys.argv[1]); import bench_cpu as b; "
-            "print(json.dumps(b.llama_logits(sys.argv[2], json.loads(sys.argv[3])).tolist()))")
-    r = subprocess.run([sys.executable, "-c", code, str(SCRIPTS), str(gpath), json.dumps(ids)],
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    got = np.array(json.loads(r.stdout.strip().splitlines()[-1]))
-    ref = flashmoe_pack.load(out, dtype="float32").logits(ids).numpy()
-    assert np.corrcoef(got.ravel(), ref.ravel())[0, 1] > 0.995
-    assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.6
