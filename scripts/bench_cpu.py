@@ -131,16 +131,21 @@ def disk_bandwidth(files: list[Path], block: int, total: int = 3 * GiB, threads:
 
 # -- engines (run inside a child process) ----------------------------------------------------------
 class LlamaRunner:
-    """llama.cpp through llama-cpp-python's low-level API, with its default loading (mmap)."""
+    """llama.cpp through llama-cpp-python's low-level API. Default loading maps the file (and
+    prefetches it); with `repack` (its default) the CPU backend copies Q4_0 tensors into an
+    interleaved layout in RAM, so experts no longer stream from the mapping: for a model larger than
+    RAM the load fails and `repack=False` (llama.cpp's --no-repack) is the mode that streams."""
 
     name = "llama.cpp"
 
-    def __init__(self, gguf: str, k: int | None, threads: int, n_ctx: int, arch: str = "qwen35moe"):
+    def __init__(self, gguf: str, k: int | None, threads: int, n_ctx: int, arch: str = "qwen35moe",
+                 repack: bool = True):
         import llama_cpp as L
 
         self.L = L
         L.llama_backend_init()
         mp = L.llama_model_default_params()
+        mp.use_extra_bufts = repack
         if k:
             self._kv = (L.llama_model_kv_override * 2)()
             self._kv[0].key = f"{arch}.expert_used_count".encode()
@@ -241,7 +246,7 @@ def child(spec: dict) -> None:
     n_ctx = spec["prompt"] + spec["decode"] + 16
     t0 = time.perf_counter()
     if spec["engine"] == "llama.cpp":
-        r = LlamaRunner(spec["gguf"], spec["k"], spec["threads"], n_ctx)
+        r = LlamaRunner(spec["gguf"], spec["k"], spec["threads"], n_ctx, repack=spec.get("repack", True))
     else:
         r = FlashRunner(spec["model"], spec["k"], spec["threads"], spec["io"], spec["cache"], spec["kernel"],
                         spec.get("overlap", True), spec.get("verify", True), spec["compute_threads"])
@@ -333,7 +338,8 @@ def main(argv=None) -> None:
     ap.add_argument("--engines", nargs="+", default=["flashmoe-direct", "flashmoe-os", "llama.cpp"],
                     help="flashmoe-direct (O_DIRECT + own cache), flashmoe-os (page cache, no own cache), "
                          "flashmoe-direct-serial (no I/O-compute overlap), flashmoe-direct-noverify (no "
-                         "xxhash check of reads), llama.cpp")
+                         "xxhash check of reads), llama.cpp (defaults: Q4_0 repacked into RAM), "
+                         "llama.cpp-mmap (no repack: experts stay behind the mapping)")
     ap.add_argument("--cache", default="auto", help="flashmoe-direct cache budget (auto: what RAM leaves)")
     ap.add_argument("--kernel", default="auto", choices=["auto", "cpu", "torch"],
                     help="flashmoe expert kernel (auto: what flashmoe_pack.load picks)")
@@ -373,7 +379,8 @@ def main(argv=None) -> None:
                                           "overlap": False},
                "flashmoe-direct-noverify": {"engine": "flashmoe", "io": "direct", "cache": cache,
                                             "verify": False},
-               "llama.cpp": {"engine": "llama.cpp"}}
+               "llama.cpp": {"engine": "llama.cpp"},
+               "llama.cpp-mmap": {"engine": "llama.cpp", "repack": False}}
     results = []
     try:
         for run in range(a.runs):
