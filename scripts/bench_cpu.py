@@ -255,7 +255,7 @@ def child(spec: dict) -> None:
     for phase in ("cold", "warm"):
         ids = rng.integers(0, spec["vocab"], spec["prompt"]).tolist()
         io, cpu0, w0 = [disk_read_bytes()], cpu_busy(), time.perf_counter()
-        res = r.generate(ids, spec["decode"], on_first=lambda: io.append(disk_read_bytes()))
+        res = r.generate(ids, spec["decode"], on_first=lambda io=io: io.append(disk_read_bytes()))
         io.append(disk_read_bytes())
         cpu1, wall = cpu_busy(), time.perf_counter() - w0
         others = max(0.0, (cpu1[0] - cpu0[0]) - (cpu1[1] - cpu0[1])) / (wall * os.cpu_count())

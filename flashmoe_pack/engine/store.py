@@ -57,7 +57,7 @@ class StoreStats:
         n = self.hits + self.misses
         return self.hits / n if n else 0.0
 
-    def snapshot(self) -> "StoreStats":
+    def snapshot(self) -> StoreStats:
         return StoreStats(self.hits, self.misses, self.bytes_read, self.read_seconds, self.reads,
                           self.verify_seconds, self.wait_seconds)
 
