@@ -13,17 +13,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import xxhash
-from safetensors import safe_open
 
 from ..backends import get_kernel
 from ..models import get_model_class
 from ..pack import format as fmt
 from ..pack.index import PackedIndex, load_index
-from ..quant import QTensor, dequantize
 from ..tokenizer import Tokenizer
 from .moe import StreamedExperts
 from .profiler import Profiler
+from .resident import load_resident
 from .sampler import SamplingParams, sample
 from .store import ExpertStore, StoreStats
 
@@ -45,40 +43,6 @@ def parse_size(text: str | int) -> int:
     if unit not in _UNITS or value < 0:
         raise ValueError(f"cannot read size {text!r}: use e.g. 512MiB, 2GiB or 0")
     return int(value * _UNITS[unit])
-
-
-def load_resident(index: PackedIndex, device: torch.device, dtype: torch.dtype | None,
-                  verify: bool = True) -> dict[str, torch.Tensor]:
-    """All non-expert tensors, checked against their xxhash64, cast and moved once."""
-    out = {}
-    by_file: dict[str, list[str]] = {}
-    for name, meta in index.raw["resident"]["tensors"].items():
-        by_file.setdefault(meta["file"], []).append(name)
-    for rel, names in by_file.items():
-        path = index.path / rel
-        if not path.is_file():
-            raise fmt.FormatError(f"{path}: resident file missing")
-        try:
-            f = safe_open(path, "pt")
-        except Exception as e:  # safetensors raises its own error types for bad headers
-            raise fmt.FormatError(f"{path}: unreadable safetensors file ({e})") from None
-        for name in names:
-            meta = index.raw["resident"]["tensors"][name]
-            t = f.get_tensor(name)
-            if verify and xxhash.xxh64(fmt.tensor_bytes(t)).hexdigest() != meta["xxh64"]:
-                raise fmt.FormatError(f"{path}: resident tensor {name}: checksum mismatch")
-            out[name] = t
-    tensors = index.raw["resident"]["tensors"]
-    for name, meta in tensors.items():
-        if "quant" in meta:  # 8-bit resident matrix: dequantize once at load
-            q = QTensor(out.pop(name), out.pop(name + ".scales"), out.pop(name + ".biases"),
-                        meta["quant"]["bits"], meta["quant"]["group_size"])
-            out[name] = dequantize(q, dtype or torch.bfloat16)
-    for name, t in out.items():
-        if dtype is not None and t.dtype.is_floating_point and t.dim() >= 2:
-            t = t.to(dtype)
-        out[name] = t.to(device)
-    return out
 
 
 @dataclass
