@@ -16,10 +16,25 @@ caller is computing on, and recycled free buffers together). Buffers are reused:
 mapping per read costs page faults and zeroing (5-11 ms per 7.5 MiB record on the 2-core box against
 0.5 ms for the read itself from the page cache), so buffers go back to a free list once the caller
 is done with them, unless `get()` handed them out (those stay valid for as long as they are held).
+
+Defaults (`io="auto"`, `cache_bytes="auto"`), chosen by measurement on the 2-core box (scripts/README.md):
+on Linux, O_DIRECT reads into the runtime's own cache beat page-cache reads (2.09 vs 1.77 tok/s, 397B
+geometry), so "auto" is "direct" when the model's filesystem accepts an O_DIRECT read (probed once;
+else "os", with a one-line note), and "os" elsewhere. The "auto" cache budget (`auto_cache_budget`) is
+what memory leaves: available memory (MemAvailable, or the memory cgroup's headroom when lower) minus
+the resident weights minus a reserve of max(2 GiB, 15% of memory) for everything else (activations,
+logits, libraries, other processes), never negative, never more than all the model's experts; with
+io="os" (the page cache keeps what was read) at most 1 GiB.
+
+Record checks: xxhash64 in C (runtime/cpu/fmk_xxh64.c, through ctypes, which releases the GIL), so
+reader threads hash in parallel with each other and with compute; python-xxhash (which holds the
+GIL) when the C library is not built.
 """
 
 from __future__ import annotations
 
+import ctypes
+import logging
 import mmap
 import os
 import queue
@@ -30,14 +45,18 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
+import xxhash
 
 from ..pack import format as fmt
 from ..pack.index import PackedIndex
 from ..pack.reader import ExpertWeights, check_record, decode_record
 
 PAGE = 4096
+GiB = 1 << 30
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -79,6 +98,214 @@ def _open(path: str, direct: bool) -> tuple[int, bool]:
     return fd, False
 
 
+# -- record hashing ---------------------------------------------------------------------------------
+_c_hash: list = []  # [fmk_xxh64 ctypes function or None], resolved once
+
+
+def _c_xxh64():
+    """fmk_xxh64 of the C library (ctypes releases the GIL while it runs), or None without it."""
+    if not _c_hash:
+        fn = None
+        if os.environ.get("FLASHMOE_XXH64") != "python":  # A/B runs: force python-xxhash
+            from ..backends.cpu import library
+
+            lib = library()[0]
+            fn = getattr(lib, "fmk_xxh64", None) if lib is not None else None
+            if fn is not None:
+                fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint64, ctypes.POINTER(ctypes.c_uint64)]
+                fn.restype = ctypes.c_int
+        _c_hash.append(fn)
+    return _c_hash[0]
+
+
+def hasher_name() -> str:
+    return "C (GIL released)" if _c_xxh64() is not None else "python-xxhash (holds the GIL)"
+
+
+def xxh64_at(addr: int, nbytes: int, seed: int = 0) -> int:
+    """XXH64 of `nbytes` bytes at address `addr` with the C library (which must be available)."""
+    out = ctypes.c_uint64()
+    rc = _c_xxh64()(addr, nbytes, seed, ctypes.byref(out))
+    if rc:
+        raise ValueError(f"fmk_xxh64: invalid argument (address {addr:#x}, {nbytes} bytes)")
+    return out.value
+
+
+def xxh64(data, seed: int = 0) -> int:
+    """XXH64 digest (an int, as xxhash.xxh64(data, seed).intdigest()) of a bytes-like object:
+    in C when the library is built and `data` is bytes or a writable buffer, else python-xxhash."""
+    if _c_xxh64() is not None:
+        if isinstance(data, bytes):
+            return xxh64_at(ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value or 0, len(data), seed)
+        mv = memoryview(data)
+        if not mv.readonly and mv.contiguous:
+            mv = mv.cast("B")
+            if mv.nbytes == 0:
+                return xxh64(b"", seed)
+            holder = (ctypes.c_char * mv.nbytes).from_buffer(mv)
+            try:
+                return xxh64_at(ctypes.addressof(holder), mv.nbytes, seed)
+            finally:
+                del holder
+    return xxhash.xxh64(data, seed=seed).intdigest()
+
+
+# -- I/O mode ---------------------------------------------------------------------------------------
+def probe_direct(path: str | Path) -> str | None:
+    """None when an O_DIRECT read of `path` works on its filesystem, else why not (Linux)."""
+    if not hasattr(os, "O_DIRECT"):
+        return "this OS has no O_DIRECT"
+    buf = mmap.mmap(-1, PAGE, flags=mmap.MAP_PRIVATE)  # page-aligned, as O_DIRECT requires
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+        try:
+            os.preadv(fd, [buf], 0)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        return f"{path}: O_DIRECT read refused ({e.strerror or e})"
+    finally:
+        buf.close()
+    return None
+
+
+def resolve_io(io: str, probe_path: str | Path) -> tuple[str, str | None]:
+    """("os" | "direct", note) for an io option ("auto", "os" or "direct"): "auto" is "direct" on Linux
+    when the filesystem of `probe_path` accepts O_DIRECT reads, else "os"; note says why it fell back."""
+    if io not in ("auto", "os", "direct"):
+        raise ValueError(f"io mode must be 'auto', 'os' or 'direct', got {io!r}")
+    if io == "os" or (io == "auto" and not sys.platform.startswith("linux")):
+        return "os", None
+    if sys.platform == "darwin":  # io == "direct": F_NOCACHE
+        return "direct", None
+    why = probe_direct(probe_path)
+    if why is None:
+        return "direct", None
+    return "os", f"io={io}: {why}; reading through the page cache (io=os)"
+
+
+# -- the cache budget -------------------------------------------------------------------------------
+def _size(n: int) -> str:
+    return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / (1 << 20):.0f} MiB"
+
+
+@dataclass
+class MemoryInfo:
+    total: int  # bytes of memory this process may use: MemTotal, or the cgroup limit when lower
+    available: int  # bytes it can still take: MemAvailable, or the cgroup's headroom when lower
+    source: str  # where the figures come from (for the report)
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    if text == "max":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        return None
+
+
+def _cgroup_stat(path: Path, keys: tuple[str, ...]) -> int:
+    try:
+        stat = dict(line.split()[:2] for line in path.read_text().splitlines() if line.strip())
+    except (OSError, ValueError):
+        return 0
+    return sum(int(stat.get(k, 0)) for k in keys)
+
+
+def _cgroup_limits(root: Path) -> list[tuple[int, int, str]]:
+    """(limit, headroom, name) of every memory cgroup above this process that has a limit. Headroom is
+    limit - (usage - file cache), since the kernel reclaims file cache before it kills for memory."""
+    out = []
+    try:
+        lines = (root / "proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return out
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, ctrl, rel = parts
+        if ctrl == "":  # v2
+            base, files = root / "sys/fs/cgroup", ("memory.max", "memory.current", ("file",))
+        elif "memory" in ctrl.split(","):  # v1
+            base, files = root / "sys/fs/cgroup/memory", ("memory.limit_in_bytes", "memory.usage_in_bytes",
+                                                          ("total_inactive_file", "total_active_file"))
+        else:
+            continue
+        d = base / rel.lstrip("/")
+        while True:  # this group and its ancestors: the tightest limit counts
+            limit = _read_int(d / files[0])
+            if limit is not None and limit < 1 << 60:  # v1 says "no limit" with a huge number
+                usage = _read_int(d / files[1]) or 0
+                used = max(0, usage - _cgroup_stat(d / "memory.stat", files[2]))
+                out.append((limit, max(0, limit - used), f"cgroup {d / files[0]}"))
+            if d == base or base not in d.parents:
+                break
+            d = d.parent
+    return out
+
+
+def memory_info(root: Path = Path("/")) -> MemoryInfo:
+    """Memory this process may still use (Linux: /proc/meminfo and the memory cgroups; elsewhere the
+    physical memory, taken as all available). `root` moves every path (tests)."""
+    info = None
+    try:
+        mem = {k: int(v.split()[0]) * 1024 for k, v in
+               (line.split(":", 1) for line in (root / "proc/meminfo").read_text().splitlines() if ":" in line)}
+        info = MemoryInfo(mem["MemTotal"], mem.get("MemAvailable", mem.get("MemFree", 0)), "MemAvailable")
+    except (OSError, KeyError, ValueError):
+        try:
+            total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            total = 8 * GiB  # unknown: assume a small machine
+        info = MemoryInfo(total, total, "physical memory")
+    for limit, headroom, name in _cgroup_limits(root):
+        if headroom < info.available:
+            info = MemoryInfo(min(info.total, limit), headroom, name)
+        else:
+            info.total = min(info.total, limit)
+    return info
+
+
+def estimate_resident_bytes(index: PackedIndex, dtype: torch.dtype | None = None) -> int:
+    """Bytes the resident (non-expert) weights take once loaded in compute dtype `dtype` (None: as stored)."""
+    total = 0
+    for meta in index.raw.get("resident", {}).get("tensors", {}).values():
+        n = 1
+        for d in meta.get("shape", []):
+            n *= int(d)
+        size = fmt.DTYPES[meta["dtype"]].itemsize if meta.get("dtype") in fmt.DTYPES else 4
+        if "quant" in meta:  # packed words, dequantized at load
+            n, size = n * 32 // int(meta["quant"]["bits"]), (dtype or torch.bfloat16).itemsize
+        elif dtype is not None and len(meta.get("shape", [])) >= 2 and meta.get("dtype", "").startswith(
+                ("float", "bfloat")):
+            size = dtype.itemsize
+        total += n * size
+    return total
+
+
+def auto_cache_budget(resident_bytes: int, all_experts_bytes: int, io_mode: str,
+                      mem: MemoryInfo | None = None) -> tuple[int, str]:
+    """The "auto" byte budget of the expert cache and how it was derived (one line, for reports):
+    available - resident - max(2 GiB, 15% of memory), clamped to [0, all experts]; with io_mode "os"
+    (the page cache already keeps what was read) or off Linux, at most 1 GiB."""
+    mem = mem or memory_info()
+    reserve = max(2 * GiB, int(0.15 * mem.total))
+    budget = max(0, mem.available - resident_bytes - reserve)
+    how = (f"auto: available {_size(mem.available)} ({mem.source}) - resident {_size(resident_bytes)} "
+           f"- reserve {_size(reserve)} = {_size(budget)}")
+    if budget > all_experts_bytes:
+        budget, how = all_experts_bytes, how + f", capped at all experts ({_size(all_experts_bytes)})"
+    if (io_mode == "os" or not sys.platform.startswith("linux")) and budget > GiB:
+        budget, how = GiB, how + ", capped at 1 GiB (io=os: the page cache keeps the rest)"
+    return budget, how
+
+
 @dataclass(eq=False)
 class _Entry:
     weights: ExpertWeights
@@ -91,11 +318,14 @@ class _Entry:
 class ExpertStore:
     """Reads and caches expert records of one packed model."""
 
-    def __init__(self, index: PackedIndex, cache_bytes: int = 1 << 30, io: str = "os", threads: int = 8,
-                 verify_reads: bool = True, device: str | torch.device = "cpu", inflight: int | None = None):
-        if io not in ("os", "direct"):
-            raise ValueError(f"io mode must be 'os' or 'direct', got {io!r}")
-        self.index, self.cache_bytes, self.verify_reads = index, int(cache_bytes), verify_reads
+    def __init__(self, index: PackedIndex, cache_bytes: int | str = 1 << 30, io: str = "os", threads: int = 8,
+                 verify_reads: bool = True, device: str | torch.device = "cpu", inflight: int | None = None,
+                 resident_bytes: int = 0):
+        """cache_bytes: byte budget of the LRU cache, or "auto" (`auto_cache_budget`, which subtracts
+        `resident_bytes`). io: "os", "direct" or "auto" (`resolve_io`); `io_mode` is what is in effect."""
+        if io not in ("auto", "os", "direct"):
+            raise ValueError(f"io mode must be 'auto', 'os' or 'direct', got {io!r}")
+        self.index, self.verify_reads = index, verify_reads
         self.device = torch.device(device)
         self.record_bytes = index.layout.record_bytes
         self.read_bytes = fmt.align_up(self.record_bytes, PAGE)  # O_DIRECT needs whole pages
@@ -106,9 +336,9 @@ class ExpertStore:
         self._cached_bytes = 0
         self._free: list[mmap.mmap] = []  # recycled read buffers
         self._lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="fmp-io")
         self._fds: dict[int, tuple[int, str]] = {}
-        self.direct = False
+        self._want: dict[int, list[int] | None] = {}  # layer -> the index's digests as ints (None: unreadable)
+        paths = []
         for entry in index.layers:
             path = str(index.path / entry["file"])
             if not os.path.isfile(path):
@@ -117,11 +347,43 @@ class ExpertStore:
             if size != entry["file_bytes"]:
                 raise fmt.FormatError(f"{path}: layer {entry['layer']}: {size} bytes, index says "
                                       f"{entry['file_bytes']} (truncated or wrong file)")
-            fd, self.direct = _open(path, io == "direct")
             with open(path, "rb") as f:
                 fmt.check_header(f.read(fmt.HEADER_BYTES), path, entry["layer"], index.num_experts,
                                  index.layout)
-            self._fds[entry["layer"]] = (fd, path)
+            try:
+                self._want[entry["layer"]] = [int(h, 16) for h in entry["xxh64"]]
+            except (TypeError, ValueError):
+                self._want[entry["layer"]] = None  # check_record reports the bad entry when it is read
+            paths.append((entry["layer"], path))
+        self.io = io
+        self.io_mode, self.io_note = resolve_io(io, paths[0][1]) if paths else ("os", None)
+        if self.io_note:
+            log.warning(self.io_note)
+        self.direct = False
+        for layer, path in paths:
+            fd, self.direct = _open(path, self.io_mode == "direct")
+            self._fds[layer] = (fd, path)
+        if self.io_mode == "direct" and paths and not self.direct:
+            self.io_mode, self.io_note = "os", f"io={io}: O_DIRECT refused at open; reading through the page cache"
+            log.warning(self.io_note)
+        if cache_bytes == "auto":
+            all_experts = len(paths) * index.num_experts * self.read_bytes
+            self.cache_bytes, self.cache_note = auto_cache_budget(resident_bytes, all_experts, self.io_mode)
+        elif isinstance(cache_bytes, str):
+            raise ValueError(f"cache_bytes must be a byte count or 'auto', got {cache_bytes!r}")
+        else:
+            if cache_bytes < 0:
+                raise ValueError(f"cache_bytes must be >= 0, got {cache_bytes}")
+            self.cache_bytes, self.cache_note = int(cache_bytes), "set"
+        self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="fmp-io")
+
+    def describe(self) -> str:
+        """One line: I/O mode, cache budget and how it was chosen, record checks (`run --timing`)."""
+        how = {"direct": "O_DIRECT" if sys.platform != "darwin" else "F_NOCACHE", "os": "page cache"}[self.io_mode]
+        checks = f"xxh64 in {hasher_name()}" if self.verify_reads else "off"
+        note = f"; {self.io_note}" if self.io_note else ""
+        return (f"expert store: io={self.io_mode} ({how}{note}), cache budget {_size(self.cache_bytes)} "
+                f"({self.cache_note}), {self.threads} reader threads, record checks: {checks}")
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
@@ -157,19 +419,15 @@ class ExpertStore:
         t0 = time.perf_counter()
         n = os.preadv(fd, [buf], off)
         t1 = time.perf_counter()
-        view = memoryview(buf)[:n]
-        try:
-            if self.verify_reads or n < self.record_bytes:
-                check_record(view, self.index, layer, expert)
-        finally:
-            view.release()
+        raw = torch.frombuffer(buf, dtype=torch.uint8)
+        if self.verify_reads or n < self.record_bytes:
+            self._check(raw.data_ptr(), buf, n, layer, expert)
         t2 = time.perf_counter()
         with self._lock:
             self.stats.bytes_read += n
             self.stats.read_seconds += t1 - t0
             self.stats.verify_seconds += t2 - t1
             self.stats.reads += 1
-        raw = torch.frombuffer(buf, dtype=torch.uint8)
         if self.device.type != "cpu":  # the device holds a copy: the buffer is free again at once
             entry = _Entry(decode_record(raw.to(self.device), self.index), None)
             del raw
@@ -178,6 +436,22 @@ class ExpertStore:
                     self._free.append(buf)
             return entry
         return _Entry(decode_record(raw, self.index), buf)
+
+    def _check(self, addr: int, buf: mmap.mmap, n: int, layer: int, expert: int) -> None:
+        """Raise FormatError unless the n bytes read into buf (at addr) hold the whole record with the
+        index's xxhash64. Hashes in C without the GIL where it can; reader.check_record words errors."""
+        want = self._want.get(layer)
+        if n >= self.record_bytes and want is not None and _c_xxh64() is not None:
+            if xxh64_at(addr, self.record_bytes) == want[expert]:
+                return
+        view = memoryview(buf)[:n]
+        try:
+            check_record(view, self.index, layer, expert)  # python-xxhash: the fallback and the error path
+        finally:
+            view.release()
+        if n >= self.record_bytes and want is not None and _c_xxh64() is not None:  # C and python disagree
+            raise fmt.FormatError(f"{self._fds[layer][1]}: layer {layer} expert {expert}: fmk_xxh64 disagrees "
+                                  "with python-xxhash (a broken build of runtime/cpu)")
 
     def _lookup(self, layer: int, experts: list[int]) -> tuple[list[tuple[int, _Entry]], list[int]]:
         if layer not in self._fds:
