@@ -168,6 +168,18 @@ def _verify_e2e(packed: Path, reference: Path, prompts: int, engine: str, bits: 
     return bool(fails)
 
 
+HOST_CACHE_HELP = ("Byte budget of the runtime's expert cache in RAM, e.g. 8GiB or 0 (default: 1GiB; on cuda "
+                   "'auto', the host tier under the VRAM one: available memory less a reserve).")
+GPU_CACHE_HELP = "cuda: byte budget of the VRAM expert tier ('auto': free device memory less a reserve)."
+
+
+def host_cache(value: str | None, device: str) -> str:
+    """--expert-cache / --host-expert-cache with its device-dependent default."""
+    if value is not None:
+        return value
+    return "auto" if device.startswith("cuda") else "1GiB"
+
+
 @app.command()
 def run(
     model: Path | None = typer.Argument(None, help="Packed model folder (default: the built-in tiny model)."),
@@ -181,7 +193,8 @@ def run(
     experts_per_token: int | None = typer.Option(None, "--experts-per-token", "-k",
                                                     help="Experts per token (default: the model's own). "
                                                          "Fewer is faster but costs quality."),
-    expert_cache: str = typer.Option("1GiB", help="Byte budget of the runtime's expert cache, e.g. 8GiB or 0."),
+    expert_cache: str | None = typer.Option(None, "--expert-cache", "--host-expert-cache", help=HOST_CACHE_HELP),
+    gpu_expert_cache: str = typer.Option("auto", help=GPU_CACHE_HELP),
     io: str = typer.Option("os", help="os (page cache) | direct (O_DIRECT / F_NOCACHE, own cache only)."),
     threads: int = typer.Option(8, help="Parallel expert reads."),
     device: str = typer.Option("cpu", help="cpu | cuda | mps."),
@@ -196,8 +209,8 @@ def run(
         if tokens < 1:
             _fail("--tokens must be at least 1", 2)
         sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
-        m = load(model, device=device, expert_cache=expert_cache, io=io, threads=threads,
-                 experts_per_token=experts_per_token)
+        m = load(model, device=device, expert_cache=host_cache(expert_cache, device), io=io, threads=threads,
+                 experts_per_token=experts_per_token, gpu_expert_cache=gpu_expert_cache)
         prof = Profiler(sync=_sync_fn(device)) if timing else None
         for text in m.generate(prompt, chat=chat, max_tokens=tokens, sampling=sampling, profiler=prof):
             sys.stdout.write(text)
@@ -207,6 +220,8 @@ def run(
             from .engine.report import timing_report
 
             typer.echo(timing_report(m, prof), err=True)
+            if hasattr(m.store, "tier_report"):  # cuda: VRAM / host / disk tiers
+                typer.echo(m.store.tier_report(), err=True)
 
 
 def _sync_fn(device: str):

@@ -58,7 +58,7 @@ def test_slots_hits_misses_eviction(packed4):
     c.slots(1, [5])  # fills the third slot
     c.slots(1, [6])  # evicts the least recently used: layer 0 expert 2 (touched before 1 above)
     assert c.tier.evictions == 1 and (0, 2) not in c._where and (0, 1) in c._where
-    assert c.stats.bytes_read == 4 * c.read_bytes and c.cached_bytes == 3 * c.slot_bytes
+    assert c.stats.bytes_read == 4 * c.host.read_bytes and c.cached_bytes == 3 * c.slot_bytes
     with pytest.raises(ValueError, match="holds 3"):
         c.slots(0, [0, 1, 2, 3])
     # slot contents are the records on disk
@@ -131,3 +131,68 @@ def test_unquantized_model_matches_transformers(packed16, hf_reference):
     m = load(packed16, slots=3)
     for ids in PROMPTS:
         assert rel_err(m.logits(ids), hf_reference(ids)) < 1e-4
+
+
+def test_three_tiers_accounting(packed4):
+    """VRAM misses come from the host-RAM tier (an ExpertStore) and only its misses from disk;
+    counters per tier; a host hit copies the same bytes as a disk read."""
+    from flashmoe_pack.pack.reader import read_record
+
+    ix = load_index(packed4)
+    slot = fmt.align_up(ix.layout.record_bytes, 256)
+    c = GpuExpertCache(ix, 2 * slot, device=DEV, host_budget=3 * fmt.align_up(ix.layout.record_bytes, 4096))
+    assert c.capacity == 2 and c.host.cache_bytes == 3 * c.host.read_bytes
+    c.slots(0, [1, 2])  # VRAM miss, host miss, disk x2
+    c.slots(0, [3])  # evicts (0, 1) from VRAM; the host tier keeps 1, 2, 3
+    c.slots(0, [1])  # VRAM miss, host hit: no disk read
+    c.slots(0, [1])  # VRAM hit
+    t = c.tier_stats()
+    assert (t["vram"]["hits"], t["vram"]["misses"], t["vram"]["evictions"]) == (1, 4, 2)
+    assert (t["host"]["hits"], t["host"]["misses"]) == (1, 3)
+    assert t["disk"]["reads"] == 3 and t["disk"]["bytes"] == 3 * c.host.read_bytes
+    assert t["vram"]["h2d_bytes"] == 4 * ix.layout.record_bytes
+    assert (c.stats.hits, c.stats.misses, c.stats.bytes_read) == (1, 4, 3 * c.host.read_bytes)
+    assert "host tier: 1 hits, 3 misses" in c.tier_report()
+    for (layer, e), s in c._where.items():
+        assert torch.equal(c.pool[s, : c.record_bytes].cpu(), read_record(ix, layer, e))
+    c.close()
+
+
+@pytest.mark.parametrize("io", ["os", "direct"])
+def test_host_tier_off_reads_disk_each_miss(packed4, io):
+    ix = load_index(packed4)
+    c = GpuExpertCache(ix, fmt.align_up(ix.layout.record_bytes, 256), device=DEV, host_budget=0, io=io)
+    for e in (4, 5, 4, 5):
+        c.slots(2, [e])
+    assert c.host.cache_bytes == 0 and c.host.stats.hits == 0 and c.host.stats.reads == 4
+    from flashmoe_pack.pack.reader import read_record
+
+    assert torch.equal(c.pool[c._where[(2, 5)], : c.record_bytes].cpu(), read_record(ix, 2, 5))
+    c.close()
+
+
+def test_auto_budgets(packed4):
+    """host "auto": nothing when VRAM holds every expert; else at most the experts VRAM does not hold."""
+    from flashmoe_pack.engine import gpu_cache
+
+    ix = load_index(packed4)
+    slot = fmt.align_up(ix.layout.record_bytes, 256)
+    total = len(ix.layers) * ix.num_experts
+    c = GpuExpertCache(ix, total * slot, device=DEV)
+    assert c.capacity == total and c.host.cache_bytes == 0
+    c.close()
+    c = GpuExpertCache(ix, 2 * slot, device=DEV)
+    assert 0 <= c.capacity and c.host.cache_bytes <= (total - 2) * c.host.read_bytes
+    c.close()
+    gib = 1 << 30
+    assert gpu_cache.host_auto_budget(10 * gib) == 8 * gib  # reserve 2 GiB
+    assert gpu_cache.host_auto_budget(40 * gib) == 34 * gib  # reserve 15%
+    assert gpu_cache.host_auto_budget(gib) == 0
+    assert 0 < gpu_cache.host_memory_available()
+
+
+def test_cli_host_cache_default():
+    from flashmoe_pack.cli import host_cache
+
+    assert host_cache(None, "cuda") == "auto" and host_cache(None, "cuda:1") == "auto"
+    assert host_cache("3GiB", "cuda") == "3GiB"

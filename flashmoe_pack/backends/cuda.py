@@ -2,7 +2,8 @@
 
 `CudaExperts` is the `experts` object the model calls on a CUDA device. Per layer the router's
 ids reach the host once (one sync); the distinct experts are made resident in the VRAM cache
-(engine/gpu_cache.py: misses read into pinned buffers and copied on a side stream), and one
+(engine/gpu_cache.py: misses from the host-RAM tier or the SSD, copied through pinned buffers on a
+side stream), and one
 launch pair computes every routed expert of every token (triton_kernels: GEMV kernels for
 decode, grouped GEMM for prefill). When a layer needs more distinct experts than the cache has
 slots, it runs in chunks of at most that many, each chunk's other assignments weighted 0.
@@ -107,11 +108,14 @@ class CudaExperts:
 _DT = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-def cuda_experts(index, budget="auto", io="os", threads=8, verify_reads=True, device="cuda", policy="lru"):
-    """(store-like cache, experts object) for runtime.Model on a CUDA device."""
+def cuda_experts(index, budget="auto", io="os", threads=8, verify_reads=True, device="cuda", policy="lru",
+                 host_budget="auto"):
+    """(store-like cache, experts object) for runtime.Model on a CUDA device: `budget` bytes of
+    VRAM slots over a host-RAM tier of `host_budget` bytes (both "auto": from free memory)."""
     from ..engine.gpu_cache import GpuExpertCache
 
     cache = GpuExpertCache(
-        index, budget, io=io, threads=threads, verify_reads=verify_reads, device=device, policy=policy
+        index, budget, io=io, threads=threads, verify_reads=verify_reads, device=device, policy=policy,
+        host_budget=host_budget,
     )
     return cache, CudaExperts(cache)

@@ -238,11 +238,14 @@ def chat(
     seed: int | None = typer.Option(None),
     history: Path | None = typer.Option(None, help="Readline history file (default: in the cache dir)."),
     experts_per_token: int | None = typer.Option(None, "--experts-per-token", "-k"),
-    expert_cache: str = typer.Option("1GiB", help="Byte budget of the runtime's expert cache."),
+    expert_cache: str | None = typer.Option(None, "--expert-cache", "--host-expert-cache",
+                                            help="Byte budget of the runtime's expert cache in RAM "
+                                                 "(default: 1GiB; on cuda 'auto', the host tier)."),
+    gpu_expert_cache: str = typer.Option("auto", help="cuda: byte budget of the VRAM expert tier."),
     device: str = typer.Option("cpu", help="cpu | cuda | mps."),
 ):
     """Chat with a model in the terminal (streaming, history, tools)."""
-    from ..cli import _fail, _user_errors
+    from ..cli import _fail, _user_errors, host_cache
 
     with _user_errors():
         from .. import load
@@ -250,7 +253,8 @@ def chat(
         from ..engine.session import Session
         from ..server.app import _generation_defaults
 
-        m = load(model, device=device, expert_cache=expert_cache, experts_per_token=experts_per_token)
+        m = load(model, device=device, expert_cache=host_cache(expert_cache, device),
+                 experts_per_token=experts_per_token, gpu_expert_cache=gpu_expert_cache)
         if m.tokenizer is None or m.tokenizer.chat_template is None:
             _fail(f"{m.path}: chat needs the model's tokenizer and chat template")
         d = _generation_defaults(m.path)  # the model's generation_config, where an option is not given

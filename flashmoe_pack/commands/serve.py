@@ -29,9 +29,12 @@ def serve(
     experts_per_token: int | None = typer.Option(
         None, "--experts-per-token", "-k", help="Experts per token (default: the model's own)."
     ),
-    expert_cache: str = typer.Option(
-        "1GiB", help="Byte budget of the runtime's expert cache, e.g. 8GiB or 0."
+    expert_cache: str | None = typer.Option(
+        None, "--expert-cache", "--host-expert-cache",
+        help="Byte budget of the runtime's expert cache in RAM, e.g. 8GiB or 0 (default: 1GiB; on cuda 'auto', "
+             "the host tier).",
     ),
+    gpu_expert_cache: str = typer.Option("auto", help="cuda: byte budget of the VRAM expert tier."),
     io: str = typer.Option("os", help="os (page cache) | direct (O_DIRECT / F_NOCACHE)."),
     threads: int = typer.Option(8, help="Parallel expert reads."),
     device: str = typer.Option("cpu", help="cpu | cuda | mps."),
@@ -42,7 +45,7 @@ def serve(
     log_level: str = typer.Option("info", help="uvicorn log level: warning, info, debug."),
 ):
     """Serve the model over HTTP: /v1/chat/completions, /v1/completions, /v1/messages, /v1/models, /health."""
-    from ..cli import _fail, _user_errors
+    from ..cli import _fail, _user_errors, host_cache
 
     with _user_errors():
         if max_queue < 0 or snapshots < 0:
@@ -61,7 +64,8 @@ def serve(
         m = load(
             model,
             device=device,
-            expert_cache=expert_cache,
+            expert_cache=host_cache(expert_cache, device),
+            gpu_expert_cache=gpu_expert_cache,
             io=io,
             threads=threads,
             experts_per_token=experts_per_token,

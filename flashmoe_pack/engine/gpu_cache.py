@@ -1,46 +1,62 @@
-"""The VRAM tier of the expert store: expert records in a slot pool on the GPU.
+"""The VRAM tier of the expert store: expert records in a slot pool on the GPU, over the host tier.
 
-    cache = GpuExpertCache(index, budget="8GiB", device="cuda", policy="lfu")
-    slots = cache.slots(layer, [3, 17, 40])      # resident now; misses read and copied
+    cache = GpuExpertCache(index, budget="8GiB", host_budget="24GiB", device="cuda", policy="lfu")
+    slots = cache.slots(layer, [3, 17, 40])      # resident now; misses fetched from the tiers below
     table = cache.table(slots)                    # what the Triton kernels take
 
-One uint8 pool [n_slots, slot_bytes] holds whole records (slot_bytes = record_bytes rounded to
-256), so an expert is one H2D copy and its components are fixed offsets in its slot. A miss is
-read from its layer file (one positional read, O_DIRECT with io="direct") straight into a pinned
-staging buffer, checked against its xxhash64, and copied to its slot on a side stream; the main
-stream waits on an event recorded after the batch's copies, and the side stream first waits for
-the main stream, so a slot is never overwritten while an earlier kernel still reads it. Misses
-of a batch are read in parallel (os.preadv releases the GIL). Replacement: "lru", or "lfu"
-(frequency-aware: sampled least-frequently-used with aging, recency breaking ties). The RAM tier
-on this path is the OS page cache (io="os"). On a CPU device the same code runs without
-streams (tests drive the logic, with the kernels under TRITON_INTERPRET=1).
+Three tiers: this VRAM slot pool; the host-RAM tier, an engine.store.ExpertStore (LRU under a
+byte budget, reads with io "direct" (O_DIRECT: the store's cache is the only RAM copy) or "os"
+(page cache too), xxhash64 check of every record read); the SSD. One uint8 pool
+[n_slots, slot_bytes] holds whole records (slot_bytes = record_bytes rounded to 256), so an
+expert is one host-to-device copy and its components are fixed offsets in its slot. A VRAM miss
+is taken from the store as soon as it is there (host hits first, then disk reads in the order
+they complete, reads running in the store's thread pool), copied into one of `staging` pinned
+buffers and from there to its slot on a side stream; the main stream waits on the side stream
+after the batch, and the side stream first waits for the main stream, so a slot is never
+overwritten while an earlier kernel still reads it. A staging buffer is reused only after its
+previous copy's event. Replacement in VRAM: "lru", or "lfu" (frequency-aware: sampled
+least-frequently-used with aging, recency breaking ties). Budgets "auto": VRAM = free device memory
+(after the resident weights) less max(2 GiB, 10% of the card); host = available memory
+(MemAvailable, or the memory cgroup's limit) less max(2 GiB, 15%), at most the experts VRAM does
+not hold. On a CPU device the same code runs without streams (tests drive the logic, with the
+kernels under TRITON_INTERPRET=1).
 """
 
 from __future__ import annotations
 
-import os
 import random
-import threading
 import time
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from queue import Queue
 
 import torch
 
 from ..pack import format as fmt
 from ..pack.index import PackedIndex
-from ..pack.reader import ExpertWeights, check_record, decode_record
-from .store import StoreStats
+from ..pack.reader import ExpertWeights, decode_record
+from ..quant import QTensor
+from . import store as _store
+from .store import ExpertStore, StoreStats
 
-PAGE = 4096
 SLOT_ALIGN = 256
 
 
 @dataclass
+class TierCounters:
+    """Lookups of the VRAM tier (cumulative)."""
+
+    hits: int = 0
+    misses: int = 0
+
+    @property
+    def hit_rate(self) -> float:
+        n = self.hits + self.misses
+        return self.hits / n if n else 0.0
+
+
+@dataclass
 class TierStats:
-    """VRAM-tier counters (cumulative). `store` (StoreStats) has hits/misses/disk bytes for the runtime."""
+    """VRAM-tier transfer counters (cumulative); hits/misses in `vram`, the tiers below in `host.stats`."""
 
     evictions: int = 0
     h2d_bytes: int = 0
@@ -143,17 +159,74 @@ def simulate(policy: str, trace: list[list], n_slots: int) -> float:
 # ----------------------------------------------------------------------------------------- cache
 
 
-def _open(path: str, direct: bool) -> tuple[int, bool]:
-    if direct and hasattr(os, "O_DIRECT"):
-        try:
-            return os.open(path, os.O_RDONLY | os.O_DIRECT), True
-        except OSError:
-            pass  # e.g. tmpfs: no O_DIRECT
-    return os.open(path, os.O_RDONLY), False
+def _record(w: ExpertWeights, nbytes: int) -> torch.Tensor:
+    """The whole record (uint8 [nbytes]) behind weights decoded from one store buffer."""
+    p = w.gate.weight if isinstance(w.gate, QTensor) else w.gate
+    st = p.untyped_storage()
+    if st.nbytes() < nbytes:
+        raise RuntimeError(f"expert buffer of {st.nbytes()} bytes, the record has {nbytes}")
+    return torch.empty(0, dtype=torch.uint8).set_(st, 0, (nbytes,))
+
+
+def _cgroup_available() -> int | None:
+    """Bytes this process's memory cgroup (v2, or v1) still allows, counting its page cache as
+    free (reclaimable); None without a limit."""
+    try:
+        line = next(ln for ln in open("/proc/self/cgroup").read().splitlines() if ln.startswith("0::"))
+        base = "/sys/fs/cgroup" + line[3:].rstrip("/")
+        limit = open(f"{base}/memory.max").read().strip()
+        if limit == "max":
+            return None
+        used = int(open(f"{base}/memory.current").read())
+        stat = dict(ln.split() for ln in open(f"{base}/memory.stat").read().splitlines())
+        return max(0, int(limit) - used + int(stat.get("file", 0)))
+    except (OSError, StopIteration, ValueError):
+        pass
+    try:  # v1
+        base = "/sys/fs/cgroup/memory"
+        limit = int(open(f"{base}/memory.limit_in_bytes").read())
+        if limit >= 1 << 60:
+            return None
+        used = int(open(f"{base}/memory.usage_in_bytes").read())
+        stat = dict(ln.split() for ln in open(f"{base}/memory.stat").read().splitlines())
+        return max(0, limit - used + int(stat.get("total_cache", 0)))
+    except (OSError, ValueError):
+        return None
+
+
+def host_memory_available() -> int:
+    """MemAvailable, or less where a memory cgroup limits this process (the fallback while
+    engine/store.py has no auto_cache_budget)."""
+    avail = 0
+    try:
+        for ln in open("/proc/meminfo"):
+            if ln.startswith("MemAvailable:"):
+                avail = int(ln.split()[1]) * 1024
+    except OSError:
+        avail = 4 << 30
+    cg = _cgroup_available()
+    return min(avail, cg) if cg is not None else avail
+
+
+def host_auto_budget(available: int | None = None) -> int:
+    """The host tier's "auto" budget: available memory less a reserve of max(2 GiB, 15%) for the
+    process itself (CUDA context, pinned staging, activations, the resident weights on their way
+    to the GPU)."""
+    avail = host_memory_available() if available is None else available
+    return max(0, avail - max(2 << 30, int(0.15 * avail)))
+
+
+def vram_auto_budget(device: torch.device) -> int:
+    """The VRAM tier's "auto" budget: free device memory (after the resident weights) less a
+    reserve of max(2 GiB, 10% of the card) for activations, KV cache and the allocator."""
+    if device.type != "cuda":
+        return 1 << 30
+    free, total = torch.cuda.mem_get_info(device)
+    return max(0, free - max(2 << 30, total // 10))
 
 
 class GpuExpertCache:
-    """Expert records of one packed model in VRAM slots (see module docstring)."""
+    """Expert records of one packed model in VRAM slots, over a host-RAM ExpertStore (see module docstring)."""
 
     def __init__(
         self,
@@ -165,63 +238,87 @@ class GpuExpertCache:
         device: str | torch.device = "cuda",
         policy: str = "lru",
         staging: int = 16,
+        host_budget: int | str = "auto",
     ):
         from .runtime import parse_size
 
-        if io not in ("os", "direct"):
-            raise ValueError(f"io mode must be 'os' or 'direct', got {io!r}")
         if policy not in POLICIES:
             raise ValueError(f"cache policy must be one of {sorted(POLICIES)}, got {policy!r}")
         self.index, self.device, self.verify_reads = index, torch.device(device), verify_reads
         self.record_bytes = index.layout.record_bytes
         self.slot_bytes = fmt.align_up(self.record_bytes, SLOT_ALIGN)
-        self.read_bytes = fmt.align_up(self.record_bytes, PAGE)
         self.budget = budget if budget == "auto" else parse_size(budget)
+        self.host_budget = host_budget if host_budget == "auto" else parse_size(host_budget)
         self.policy = POLICIES[policy]()
-        self.stats, self.tier = StoreStats(), TierStats()
+        # the host tier and the SSD: checks files, reads (O_DIRECT with io="direct"), verifies, caches
+        self.host = ExpertStore(index, 0, io=io, threads=threads, verify_reads=verify_reads, device="cpu")
+        self.host_note = ""
+        self.vram = TierCounters()
+        self.tier = TierStats()
         self.pool: torch.Tensor | None = None  # allocated on first use ("auto" sizes from free memory then)
         self.n_slots = 0
         self._where: dict[tuple[int, int], int] = {}  # (layer, expert) -> slot
         self._free_slots: list[int] = []
-        self._fds: dict[int, int] = {}
-        self.direct = False
-        for entry in index.layers:
-            path = str(index.path / entry["file"])
-            if not os.path.isfile(path) or os.path.getsize(path) != entry["file_bytes"]:
-                raise fmt.FormatError(
-                    f"{path}: layer {entry['layer']}: expert file missing or of the wrong size"
-                )
-            with open(path, "rb") as f:
-                fmt.check_header(
-                    f.read(fmt.HEADER_BYTES), path, entry["layer"], index.num_experts, index.layout
-                )
-            self._fds[entry["layer"]], self.direct = _open(path, io == "direct")
-        self._paths = {e["layer"]: str(index.path / e["file"]) for e in index.layers}
-        self._pool_io = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="fmp-gpu-io")
-        self._lock = threading.Lock()
         cuda = self.device.type == "cuda"
         self.side = torch.cuda.Stream(self.device) if cuda else None
-        raw = torch.empty(staging * self.read_bytes + PAGE, dtype=torch.uint8, pin_memory=cuda)
-        start = (-raw.data_ptr()) % PAGE  # O_DIRECT wants page-aligned buffers
-        self._staging = [
-            raw[start + i * self.read_bytes : start + (i + 1) * self.read_bytes] for i in range(staging)
-        ]
-        self._views = [memoryview(b.numpy()) for b in self._staging]
+        self._staging = [torch.empty(self.record_bytes, dtype=torch.uint8, pin_memory=cuda) for _ in range(staging)]
         self._stage_events: list = [None] * staging
-        self._free_stage: Queue = Queue()
-        for i in range(staging):
-            self._free_stage.put(i)
+        self._next_stage = 0
+
+    @property
+    def direct(self) -> bool:
+        return self.host.direct
+
+    @property
+    def stats(self) -> StoreStats:
+        """The runtime's view: hits/misses of the VRAM tier, disk reads of the host tier below it."""
+        h = self.host.stats
+        return StoreStats(self.vram.hits, self.vram.misses, h.bytes_read, h.read_seconds, h.reads,
+                          h.verify_seconds, h.wait_seconds)
+
+    def tier_stats(self) -> dict:
+        """Cumulative counters per tier: vram (hits, misses, evictions, h2d bytes), host (hits,
+        misses: records read from disk), disk (bytes, reads, read seconds)."""
+        h = self.host.stats
+        return {
+            "vram": {"hits": self.vram.hits, "misses": self.vram.misses, "hit_rate": self.vram.hit_rate,
+                     "slots": self.n_slots, "slot_bytes": self.slot_bytes, "evictions": self.tier.evictions,
+                     "h2d_bytes": self.tier.h2d_bytes},
+            "host": {"hits": h.hits, "misses": h.misses, "hit_rate": h.hit_rate,
+                     "budget_bytes": self.host.cache_bytes, "cached_bytes": self.host.cached_bytes},
+            "disk": {"bytes": h.bytes_read, "reads": h.reads, "read_seconds": h.read_seconds,
+                     "verify_seconds": h.verify_seconds, "direct": self.host.direct},
+        }
+
+    def tier_report(self) -> str:
+        t = self.tier_stats()
+        v, h, d = t["vram"], t["host"], t["disk"]
+        return (f"VRAM tier: {v['hits']} hits, {v['misses']} misses ({v['hit_rate'] * 100:.1f}% hit), "
+                f"{v['slots']} slots ({v['slots'] * v['slot_bytes'] / 2**30:.2f} GiB), {v['evictions']} evictions, "
+                f"{v['h2d_bytes'] / 1e9:.3f} GB host->device\n"
+                f"host tier: {h['hits']} hits, {h['misses']} misses ({h['hit_rate'] * 100:.1f}% hit), "
+                f"{h['cached_bytes'] / 2**30:.2f} of {h['budget_bytes'] / 2**30:.2f} GiB used ({self.host_note})\n"
+                f"disk: {d['bytes'] / 1e9:.3f} GB in {d['reads']} reads "
+                f"({'O_DIRECT' if d['direct'] else 'page cache'})")
 
     # -- pool -----------------------------------------------------------------------------------
     def _alloc(self) -> None:
         total = len(self.index.layers) * self.index.num_experts
-        want = self.budget
-        if want == "auto":
-            free = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else 1 << 30
-            want = int(0.9 * free) - (2 << 30)
+        want = vram_auto_budget(self.device) if self.budget == "auto" else self.budget
         self.n_slots = max(1, min(total, int(want) // self.slot_bytes))  # at least one slot to stage through
         self.pool = torch.empty(self.n_slots, self.slot_bytes, dtype=torch.uint8, device=self.device)
         self._free_slots = list(range(self.n_slots - 1, -1, -1))
+        host, self.host_note = self.host_budget, "set"
+        if host == "auto":  # what VRAM holds needs no host copy; more than the rest is of no use
+            rest = max(0, total - self.n_slots) * self.host.read_bytes
+            shared = getattr(_store, "auto_cache_budget", None)  # engine/store.py's, where it has one
+            if shared is not None:  # resident weights live in VRAM: none to subtract here
+                mode = getattr(self.host, "io_mode", "direct" if self.host.direct else "os")
+                host, self.host_note = shared(0, rest, mode)
+            else:
+                host = min(host_auto_budget(), rest)
+                self.host_note = "auto: available memory - max(2 GiB, 15%), at most the experts VRAM does not hold"
+        self.host.cache_bytes = int(host)
 
     @property
     def capacity(self) -> int:
@@ -239,10 +336,9 @@ class GpuExpertCache:
         return len(self._where) * self.slot_bytes
 
     def close(self) -> None:
-        self._pool_io.shutdown(wait=True)
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
+        if self.side is not None:
+            self.side.synchronize()
+        self.host.close()
         self._where.clear()
         self.pool = None
 
@@ -250,7 +346,7 @@ class GpuExpertCache:
     def slots(self, layer: int, experts: list[int]) -> list[int]:
         """Make `experts` of `layer` resident and return their slots (in order). Work queued after
         this on the current stream sees the data. At most `capacity` distinct experts per call."""
-        if layer not in self._fds:
+        if layer not in self.host._fds:
             raise KeyError(f"layer {layer} has no expert file in {self.index.path}")
         experts = list(dict.fromkeys(experts))
         if len(experts) > self.capacity:
@@ -261,10 +357,10 @@ class GpuExpertCache:
             if not 0 <= e < self.index.num_experts:
                 raise IndexError(f"expert {e} out of range (layer {layer} has {self.index.num_experts})")
             if (layer, e) in self._where:
-                self.stats.hits += 1
+                self.vram.hits += 1
                 self.policy.touch((layer, e))
             else:
-                self.stats.misses += 1
+                self.vram.misses += 1
                 missing.append(e)
         if missing:
             self._fetch(layer, missing, batch)
@@ -279,59 +375,47 @@ class GpuExpertCache:
         return self._where.pop(old)
 
     def _fetch(self, layer: int, experts: list[int], batch: set) -> None:
+        """VRAM misses from the host tier (hits first, then disk reads as they complete): each
+        record is copied into a pinned staging buffer and from there to its slot on the side stream."""
         t0 = time.perf_counter()
-        if (
-            self.side is not None
-        ):  # copies start after every kernel already queued (it may read an evicted slot)
+        if self.side is not None:  # copies start after every kernel already queued (it may read an evicted slot)
             self.side.wait_stream(torch.cuda.current_stream(self.device))
-        jobs = []
-        for e in experts:
-            slot = self._take_slot(batch)
-            jobs.append(((layer, e), slot, self._pool_io.submit(self._read_copy, layer, e, slot)))
-        wait([fut for _, _, fut in jobs])
-        errors = [fut.exception() for _, _, fut in jobs if fut.exception() is not None]
-        if errors:  # nothing of this batch is cached
-            self._free_slots += [slot for _, slot, _ in jobs]
-            raise errors[0]  # e.g. FormatError naming file, layer and expert
-        for key, slot, _ in jobs:
-            self._where[key] = slot
-            self.policy.touch(key)
+        slots = {e: self._take_slot(batch) for e in experts}
+        done = []
+        try:
+            for e, w in self.host.stream(layer, experts):  # raises FormatError naming file, layer, expert
+                self._copy(_record(w, self.record_bytes), slots[e])
+                done.append(e)
+        except BaseException:
+            self._free_slots += [slots[e] for e in experts]  # nothing of a failed batch is cached
+            raise
+        for e in done:
+            self._where[(layer, e)] = slots[e]
+            self.policy.touch((layer, e))
         if self.side is not None:
             torch.cuda.current_stream(self.device).wait_stream(self.side)
         self.tier.fetch_seconds += time.perf_counter() - t0
 
-    def _read_copy(self, layer: int, expert: int, slot: int) -> None:
-        """Worker: disk -> pinned staging buffer -> (side stream) slot."""
-        b = self._free_stage.get()
-        try:
+    def _copy(self, src: torch.Tensor, slot: int) -> None:
+        """Host record (store buffer) -> pinned staging -> (side stream) VRAM slot."""
+        if self.side is None:
+            self.pool[slot, : self.record_bytes].copy_(src)
+        else:
+            b = self._next_stage
+            self._next_stage = (b + 1) % len(self._staging)
             ev = self._stage_events[b]
-            if ev is not None:  # its previous copy must be done before the buffer is overwritten
+            if ev is not None:  # the buffer's previous copy must be done before it is overwritten
                 w0 = time.perf_counter()
                 ev.synchronize()
-                with self._lock:
-                    self.tier.stage_wait_seconds += time.perf_counter() - w0
-            off = fmt.expert_offset(expert, self.index.layout.stride)
-            t0 = time.perf_counter()
-            n = os.preadv(self._fds[layer], [self._views[b]], off)
-            dt = time.perf_counter() - t0
-            if self.verify_reads or n < self.record_bytes:
-                check_record(self._views[b][:n], self.index, layer, expert)
-            src = self._staging[b][: self.record_bytes]
-            if self.side is not None:
-                with torch.cuda.stream(self.side):
-                    self.pool[slot, : self.record_bytes].copy_(src, non_blocking=True)
-                    ev = torch.cuda.Event()
-                    ev.record(self.side)
-                self._stage_events[b] = ev
-            else:
-                self.pool[slot, : self.record_bytes].copy_(src)
-            with self._lock:
-                self.stats.bytes_read += n
-                self.stats.read_seconds += dt
-                self.stats.reads += 1
-                self.tier.h2d_bytes += self.record_bytes
-        finally:
-            self._free_stage.put(b)
+                self.tier.stage_wait_seconds += time.perf_counter() - w0
+            stage = self._staging[b]
+            stage.copy_(src)
+            with torch.cuda.stream(self.side):
+                self.pool[slot, : self.record_bytes].copy_(stage, non_blocking=True)
+                ev = torch.cuda.Event()
+                ev.record(self.side)
+            self._stage_events[b] = ev
+        self.tier.h2d_bytes += self.record_bytes
 
     def preload(self, layers: list[int] | None = None) -> None:
         """Read every expert of `layers` (default: all) into the pool; raises if it does not fit."""

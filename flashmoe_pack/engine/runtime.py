@@ -84,8 +84,10 @@ class Model:
             # cuDNN attention builds a plan for every new KV length, i.e. every decode step (40-70 ms
             # each on the H200, scripts/gpu_check.py sdpa); flash/efficient SDPA need none.
             torch.backends.cuda.enable_cudnn_sdp(False)
+            # three tiers: VRAM slots (gpu_expert_cache), host RAM (expert_cache), the SSD
             self.store, self.experts = cuda_experts(index, gpu_expert_cache, io=io, threads=threads,
-                                                    verify_reads=verify_reads, device=self.device)
+                                                    verify_reads=verify_reads, device=self.device,
+                                                    host_budget=expert_cache)
         else:
             self.store = ExpertStore(index, parse_size(expert_cache), io=io, threads=threads,
                                      verify_reads=verify_reads, device=self.device)
@@ -184,8 +186,9 @@ def load(path: str | Path | None = None, device: str = "cpu", expert_cache: int 
     io: "os" (page cache) or "direct" (O_DIRECT / F_NOCACHE). experts_per_token: smaller K than the
     model's own is faster and costs quality. dtype: compute dtype of resident weights (default: as stored).
     verify_reads: check every record read from disk against its xxhash64.
-    gpu_expert_cache: device "cuda": byte budget of the VRAM expert cache ("auto": most of the free
-    memory after the resident weights; there the RAM tier is the OS page cache, expert_cache unused).
+    gpu_expert_cache: device "cuda": byte budget of the VRAM expert cache ("auto": free device memory
+    after the resident weights less a reserve). On cuda, expert_cache is the host-RAM tier below it
+    ("auto": available memory, within a memory cgroup's limit, less a reserve; see engine/gpu_cache.py).
     """
     if path is None:
         from ..default_model import default_model_dir
