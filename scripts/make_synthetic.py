@@ -1,6 +1,6 @@
 """Seeded synthetic Qwen3.5-MoE models of real geometry, for benchmarks (never committed).
 
-    python scripts/make_synthetic.py OUT --geometry qwen35-397b --layers 8 [--gguf OUT.gguf] [--seed 0]
+    python scripts/make_synthetic.py OUT --geometry qwen35-397b --layers 8 [--gguf OUT.gguf] [--seed 0] [--jobs 9]
 
 Writes OUT as a complete flashmoe-pack model straight in the packed format (SPEC.md; no quantize
 step: expert records are written in place with a correct index and real xxhashes, resident tensors
@@ -268,31 +268,6 @@ def gguf_header(path: Path, cfg: dict, seed: int):
     return w, plan
 
 
-class _GGUFData:
-    """Streams tensor data in plan order, with GGUF's alignment padding (as GGUFWriter.write_tensor_data)."""
-
-    def __init__(self, writer, plan):
-        self.w, self.plan, self.f = writer, list(plan), writer.fout[0]
-        self.left = 0
-
-    def begin(self, name: str) -> None:
-        assert self.left == 0 and self.plan[0][0] == name, (name, self.plan[:1])
-        self.w.write_padding(self.f, self.f.tell())
-        _, self.nbytes = self.plan.pop(0)
-        self.left = self.nbytes
-
-    def write(self, data) -> None:
-        b = memoryview(data).cast("B")
-        self.f.write(b)
-        self.left -= len(b)
-        if self.left == 0:
-            self.w.write_padding(self.f, self.nbytes)
-
-    def close(self) -> None:
-        assert not self.plan, f"{len(self.plan)} GGUF tensors not written"
-        self.w.close()
-
-
 def _bytes(x: torch.Tensor):
     return x.contiguous().view(torch.uint8).numpy()
 
@@ -307,8 +282,109 @@ def expected_bytes(cfg: dict) -> tuple[int, int]:
     return res + n * fmt.expert_file_bytes(e, lay), res + q4
 
 
-def write(out: Path, cfg: dict, seed: int = 0, gguf_path: Path | None = None, progress: bool = True) -> Path:
-    """Write the flashmoe-pack model at `out` (and the GGUF at gguf_path); returns out."""
+def _gguf_offsets(writer, plan) -> tuple[dict[str, int], int]:
+    """Absolute file offset of every tensor's data in plan order (GGUF aligns each to the writer's
+    data_alignment), and the file's final size."""
+    f = writer.fout[0]
+    f.flush()
+    pad = writer.ggml_pad
+    pos = pad(f.tell(), writer.data_alignment)
+    offs = {}
+    for name, nbytes in plan:
+        offs[name] = pos
+        pos += pad(nbytes, writer.data_alignment)
+    return offs, pos
+
+
+def _write_layer(out: Path, cfg: dict, seed: int, layer: int | None, gguf_path: Path | None,
+                 gguf_offs: dict[str, int] | None) -> tuple[dict, dict | None]:
+    """One layer (None: embedding, final norm, lm_head): its resident part file, its expert file, and its
+    tensors of the GGUF written in place at their offsets. Returns (resident index entries, layer entry)."""
+    h, inter = cfg["hidden_size"], cfg["moe_intermediate_size"]
+    e = cfg["num_experts"]
+    lay = fmt.record_layout(h, inter, 4, GROUP, "float16")
+    gfd = os.open(gguf_path, os.O_WRONLY) if gguf_path else None
+    try:
+        tensors = resident(cfg, layer, seed)
+        part = f"part-{0 if layer is None else layer + 1:05d}.safetensors"
+        save_file(tensors, str(out / fmt.RESIDENT_DIR / part))
+        res_index = {name: {"file": f"{fmt.RESIDENT_DIR}/{part}", "dtype": fmt.DTYPE_NAMES[x.dtype],
+                            "shape": list(x.shape), "xxh64": xxhash.xxh64(fmt.tensor_bytes(x)).hexdigest()}
+                     for name, x in tensors.items()}
+        if gfd is not None:
+            for name, x in to_gguf(cfg, tensors):
+                os.pwrite(gfd, _bytes(x), gguf_offs[name])
+        del tensors
+        if layer is None:
+            return res_index, None
+        path = out / fmt.expert_file_name(layer)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.ftruncate(fd, fmt.expert_file_bytes(e, lay))
+        os.pwrite(fd, fmt.pack_header(layer, e, lay), 0)
+        for proj, (rows, cols) in expert_shapes(cfg).items():
+            gbase = gguf_offs[f"blk.{layer}.ffn_{proj}_exps.weight"] if gfd is not None else 0
+            per = rows * cols // GROUP * 18  # one expert's Q4_0 bytes
+            for x in range(e):
+                qs, sc = expert_proj(seed, layer, proj, x, rows, cols)
+                base = fmt.expert_offset(x, lay.stride)
+                for part_name, arr in (("weight", qs), ("scales", sc), ("biases", sc * np.float16(-8))):
+                    os.pwrite(fd, arr.tobytes(), base + lay.component(f"{proj}.{part_name}").offset)
+                if gfd is not None:
+                    os.pwrite(gfd, mlx_to_q4_0(qs, sc).tobytes(), gbase + x * per)
+        hashes = [xxhash.xxh64(os.pread(fd, lay.record_bytes, fmt.expert_offset(x, lay.stride))).hexdigest()
+                  for x in range(e)]
+        os.close(fd)
+        return res_index, {"layer": layer, "file": fmt.expert_file_name(layer),
+                           "file_bytes": fmt.expert_file_bytes(e, lay), "xxh64": hashes}
+    finally:
+        if gfd is not None:
+            os.close(gfd)
+
+
+def _forked(items: list, jobs: int, fn, done_cb=None) -> dict:
+    """{item: fn(item)} with up to `jobs` forked children at a time (fn's result goes back as JSON)."""
+    import tempfile
+
+    results, running, left = {}, {}, list(items)
+    with tempfile.TemporaryDirectory() as tmp:
+        while left or running:
+            while left and len(running) < jobs:
+                item = left.pop(0)
+                path = os.path.join(tmp, f"{len(results) + len(running)}.json")
+                pid = os.fork()
+                if pid == 0:  # child
+                    code = 1
+                    try:
+                        with open(path, "w") as f:
+                            json.dump(fn(item), f)
+                        code = 0
+                    except BaseException:  # noqa: BLE001 - reported by the parent through the exit code
+                        import traceback
+
+                        traceback.print_exc()
+                    finally:
+                        os._exit(code)
+                running[pid] = (item, path)
+            pid, status = os.wait()
+            if pid not in running:
+                continue
+            item, path = running.pop(pid)
+            if os.waitstatus_to_exitcode(status) != 0:
+                for other in running:
+                    os.kill(other, 9)
+                raise RuntimeError(f"writing part {item} failed (see the traceback above)")
+            with open(path) as f:
+                results[item] = json.load(f)
+            if done_cb:
+                done_cb(item, len(results))
+    return results
+
+
+def write(out: Path, cfg: dict, seed: int = 0, gguf_path: Path | None = None, progress: bool = True,
+          jobs: int = 1) -> Path:
+    """Write the flashmoe-pack model at `out` (and the GGUF at gguf_path); returns out. `jobs` > 1 writes
+    that many layers at once in worker processes (same bytes: every tensor has its own generator and
+    every write goes to a fixed offset)."""
     out = Path(out)
     if (out / fmt.INDEX_NAME).exists():
         raise FileExistsError(f"{out} already holds a model")
@@ -317,44 +393,29 @@ def write(out: Path, cfg: dict, seed: int = 0, gguf_path: Path | None = None, pr
     h, inter = cfg["hidden_size"], cfg["moe_intermediate_size"]
     n, e = cfg["num_hidden_layers"], cfg["num_experts"]
     lay = fmt.record_layout(h, inter, 4, GROUP, "float16")
-    gw = _GGUFData(*gguf_header(gguf_path, cfg, seed)) if gguf_path else None
-    res_index, layers = {}, []
-    for layer in [None, *range(n)]:
-        tensors = resident(cfg, layer, seed)
-        part = f"part-{0 if layer is None else layer + 1:05d}.safetensors"
-        save_file(tensors, str(out / fmt.RESIDENT_DIR / part))
-        for name, x in tensors.items():
-            res_index[name] = {"file": f"{fmt.RESIDENT_DIR}/{part}", "dtype": fmt.DTYPE_NAMES[x.dtype],
-                               "shape": list(x.shape), "xxh64": xxhash.xxh64(fmt.tensor_bytes(x)).hexdigest()}
-        if gw:
-            for name, x in to_gguf(cfg, tensors):
-                gw.begin(name)
-                gw.write(_bytes(x))
-        if layer is None:
-            continue
-        path = out / fmt.expert_file_name(layer)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-        os.ftruncate(fd, fmt.expert_file_bytes(e, lay))
-        os.pwrite(fd, fmt.pack_header(layer, e, lay), 0)
-        for proj, (rows, cols) in expert_shapes(cfg).items():
-            if gw:
-                gw.begin(f"blk.{layer}.ffn_{proj}_exps.weight")
-            for x in range(e):
-                qs, sc = expert_proj(seed, layer, proj, x, rows, cols)
-                base = fmt.expert_offset(x, lay.stride)
-                for part_name, arr in (("weight", qs), ("scales", sc), ("biases", sc * np.float16(-8))):
-                    os.pwrite(fd, arr.tobytes(), base + lay.component(f"{proj}.{part_name}").offset)
-                if gw:
-                    gw.write(mlx_to_q4_0(qs, sc))
-        hashes = [xxhash.xxh64(os.pread(fd, lay.record_bytes, fmt.expert_offset(x, lay.stride))).hexdigest()
-                  for x in range(e)]
-        os.close(fd)
-        layers.append({"layer": layer, "file": fmt.expert_file_name(layer),
-                       "file_bytes": fmt.expert_file_bytes(e, lay), "xxh64": hashes})
-        if progress:
-            print(f"layer {layer + 1}/{n} written", file=sys.stderr, flush=True)
-    if gw:
+    offs = None
+    if gguf_path:  # header and tensor infos now; every tensor's data later, in place
+        gw, plan = gguf_header(gguf_path, cfg, seed)
+        offs, size = _gguf_offsets(gw, plan)
+        gw.fout[0].truncate(size)
         gw.close()
+    todo = [None, *range(n)]
+    results: dict = {}
+    if jobs <= 1:
+        for layer in todo:
+            results[layer] = _write_layer(out, cfg, seed, layer, gguf_path, offs)
+            if progress and layer is not None:
+                print(f"layer {layer + 1}/{n} written", file=sys.stderr, flush=True)
+    else:
+        results = _forked(todo, jobs, lambda layer: _write_layer(out, cfg, seed, layer, gguf_path, offs),
+                          (lambda layer, k: print(f"{k}/{len(todo)} parts written (layer {layer})", file=sys.stderr,
+                                                  flush=True)) if progress else None)
+    res_index, layers = {}, []
+    for layer in todo:
+        part, entry = results[layer]
+        res_index.update(part)
+        if entry is not None:
+            layers.append(entry)
     index = {
         "format": fmt.FORMAT_NAME, "version": fmt.FORMAT_VERSION, "model_type": cfg["model_type"],
         "config": cfg,
@@ -380,6 +441,7 @@ def main(argv=None) -> None:
     ap.add_argument("--layers", type=int, default=None, help="number of layers (default: the model's own)")
     ap.add_argument("--gguf", type=Path, default=None, help="also write this GGUF for llama.cpp")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--jobs", type=int, default=1, help="layers written at once (worker processes)")
     a = ap.parse_args(argv)
     cfg = text_config(a.geometry, a.layers)
     fm, gg = expected_bytes(cfg)
@@ -390,7 +452,7 @@ def main(argv=None) -> None:
           + (f", GGUF {gg / 1e9:.1f} GB" if a.gguf else "") + f"; {free / 1e9:.1f} GB free", file=sys.stderr)
     if need > free - (2 << 30):
         sys.exit(f"not enough disk space: need {need / 1e9:.1f} GB + 2 GiB margin, {free / 1e9:.1f} GB free")
-    write(a.out, cfg, a.seed, a.gguf)
+    write(a.out, cfg, a.seed, a.gguf, jobs=a.jobs)
 
 
 if __name__ == "__main__":
