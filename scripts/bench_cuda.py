@@ -1,13 +1,31 @@
-"""Decode benchmark of the CUDA path on a synthetic Qwen3.5-397B-geometry model with few layers.
+"""flashmoe-pack on CUDA against llama.cpp CUDA (llama-bench), same weights, same budgets, one table.
 
-    python scripts/bench_cuda.py --dir /tmp/syn --layers 4 --tokens 16 --out bench.json
+    python scripts/make_synthetic.py /data/m --geometry qwen35-397b --layers 5 --gguf /data/m.gguf --jobs 6
+    python scripts/bench_cuda.py /data/m /data/m.gguf --llama-bench llama.cpp/build/bin/llama-bench --out OUT
 
-Writes the model with the packer (random 4-bit experts, group 64, bf16 scales of random sign;
-random bf16 resident weights; never committed), measures the floors in the same run (pinned
-H2D copy bandwidth, device copy bandwidth, disk read bandwidth with O_DIRECT and through the
-page cache, both with the runtime's access pattern: whole 6.75 MiB records, 8 threads), then
-decode tok/s (median per-token time) with every expert resident in VRAM and streaming through
-the VRAM cache, at K=10 and K=4. Random routing is near uniform: harsher on caches than real.
+The issue's consumer scenario is a 14-layer Qwen3.5-397B-geometry model (~50 GB) with 12 GB of VRAM for
+experts and 24 GB of host RAM. With L layers the budgets keep its fractions: the experts of
+round(3 L / 14) layers in VRAM (llama.cpp: `--n-cpu-moe L - that`, the setting the issue's own
+llama.cpp run used, 3 of 14 layers; flashmoe-pack: the same number of experts as VRAM slots) and a
+host memory limit of 24 GB x (GGUF bytes / 54.9 GB), a cgroup v2 memory.max that both engines run
+under (it also caps their page cache).
+
+Every engine run is a fresh process in that cgroup, after the page cache was dropped:
+- flashmoe: `load(device="cuda", gpu_expert_cache=<slots>, expert_cache="auto" (host tier: what the
+  cgroup leaves), io="direct")`; a warm-up (Triton compiles) on a separate state, then fresh caches; a
+  random 512-token prompt (TTFT: prefill + first token), then `--tokens` greedy decode steps. Counters
+  per tier from the cache itself; disk bytes from O_DIRECT reads, PCIe bytes from the copies it issued.
+- llama.cpp: `llama-bench -ngl 99 -ncmoe N -p 512 -n T -r 1 -t 16 -o json` (defaults otherwise: mmap);
+  K is changed by rewriting `qwen35moe.expert_used_count` in the GGUF in place (restored after).
+  Its disk bytes are /proc/diskstats deltas over the decode window (llama-bench runs the prompt test
+  first, the decode test last); PCIe from `nvidia-smi dmon -s t` over the same window.
+- fully resident: every expert in VRAM for both (flashmoe: slots for all, preloaded; llama.cpp:
+  `-ncmoe 0`), no memory limit.
+Floors, measured in the same run: random O_DIRECT reads of whole expert records (16 threads) and
+pinned host-to-device copies. A token must move K x L x record x (1 - f) over the disk, f the share of
+experts VRAM + host memory can hold, and K x L x record x (1 - f_vram) over PCIe: floor tok/s =
+1 / max(disk bytes / disk GB/s, PCIe bytes / H2D GB/s) (llama.cpp's with its Q4_0 expert size).
+Routing of random weights is near uniform: harsher on every cache than a real model.
 """
 
 from __future__ import annotations
@@ -17,147 +35,36 @@ import json
 import mmap
 import os
 import random
-import shutil
+import re
 import statistics
+import struct
+import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import torch
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from flashmoe_pack.default_model import _shapes  # noqa: E402
-from flashmoe_pack.pack import format as fmt  # noqa: E402
-from flashmoe_pack.pack.writer import PackWriter  # noqa: E402
-from flashmoe_pack.quant import QTensor  # noqa: E402
-from flashmoe_pack.sources.checkpoint import ExpertPiece, Resident  # noqa: E402
+ISSUE_LAYERS, ISSUE_GPU_LAYERS, ISSUE_GGUF_BYTES, ISSUE_HOST = 14, 3, 54.9e9, 24e9
+CG = Path("/sys/fs/cgroup/fmp-bench")
+T0 = time.perf_counter()
 
 
-def geometry(layers: int) -> dict:
-    """Qwen3.5-397B-A17B's text geometry with `layers` layers (every 4th full attention)."""
-    return {
-        "model_type": "qwen3_5_moe_text",
-        "vocab_size": 248320,
-        "hidden_size": 4096,
-        "num_hidden_layers": layers,
-        "num_attention_heads": 32,
-        "num_key_value_heads": 2,
-        "head_dim": 256,
-        "linear_key_head_dim": 128,
-        "linear_value_head_dim": 128,
-        "linear_num_key_heads": 16,
-        "linear_num_value_heads": 64,
-        "linear_conv_kernel_dim": 4,
-        "moe_intermediate_size": 1024,
-        "shared_expert_intermediate_size": 1024,
-        "num_experts": 512,
-        "num_experts_per_tok": 10,
-        "full_attention_interval": 4,
-        "rms_norm_eps": 1e-6,
-        "tie_word_embeddings": False,
-        "layer_types": ["full_attention" if (i + 1) % 4 == 0 else "linear_attention" for i in range(layers)],
-        "rope_parameters": {"rope_type": "default", "rope_theta": 10000000.0, "partial_rotary_factor": 0.25},
-        "eos_token_id": 248046,
-    }
-
-
-class _SyntheticCkpt:
-    """What PackWriter reads from a checkpoint, for one shard of random tensors."""
-
-    def __init__(self, path: Path, cfg: dict, bits: int, group: int, device: str, seed: int):
-        self.path, self.text_config, self.model_type = path, cfg, cfg["model_type"]
-        self.float_dtype, self.mlx_quant, self.is_fp8 = torch.bfloat16, None, False
-        self.bits, self.group, self.device = bits, group, device
-        self.gen = torch.Generator(device).manual_seed(seed)
-
-    def _randn(self, shape, std):
-        return (torch.randn(shape, generator=self.gen, device=self.device) * std).to(torch.bfloat16).cpu()
-
-    def _qtensor(self, out: int, inp: int) -> QTensor:
-        words = torch.randint(
-            -(2**31),
-            2**31 - 1,
-            (out, inp * self.bits // 32),
-            generator=self.gen,
-            device=self.device,
-            dtype=torch.int64,
-        ).to(torch.int32)
-        qmax = (1 << self.bits) - 1
-        sign = torch.randint(0, 2, (out, inp // self.group), generator=self.gen, device=self.device) * 2 - 1
-        scale = sign * (0.02 / (qmax / 12**0.5))  # weights of std ~0.02; random sign: no shared bias
-        bias = -scale * qmax / 2  # zero-mean groups
-        return QTensor(
-            words.cpu(), scale.to(torch.bfloat16).cpu(), bias.to(torch.bfloat16).cpu(), self.bits, self.group
-        )
-
-    def iter_shard(self, shard):
-        c = self.text_config
-        for name, (shape, kind) in _shapes(c).items():
-            if ".mlp.experts." in name:
-                continue
-            name = name.replace("model.language_model.", "model.")
-            if kind == "A_log":
-                t = torch.empty(shape).uniform_(1.0, 16.0).log_()
-            elif kind == "ones":
-                t = torch.ones(shape)
-            else:
-                std = {"proj": 0.02, "router": 0.2, "conv": 0.25, "norm": 0.1, "gated_norm": 0.1}[kind]
-                t = self._randn(shape, std)
-                t = t + 1 if kind == "gated_norm" else t
-            yield Resident(name, t)
-        hid, inter = c["hidden_size"], c["moe_intermediate_size"]
-        for layer in range(c["num_hidden_layers"]):
-            for e in range(c["num_experts"]):
-                for proj, (o, i) in (("gate", (inter, hid)), ("up", (inter, hid)), ("down", (hid, inter))):
-                    yield ExpertPiece(layer, e, proj, self._qtensor(o, i))
-
-
-def make_synthetic(
-    out: Path, layers: int, bits: int = 4, group: int = 64, seed: int = 0, cfg: dict | None = None
-) -> Path:
-    """Write the synthetic packed model into `out` (reused if complete); cfg overrides the geometry."""
-    if (out / fmt.INDEX_NAME).is_file():
-        return out
-    cfg = {**geometry(layers), **(cfg or {})}
-    src = out.parent / (out.name + "-src")
-    src.mkdir(parents=True, exist_ok=True)
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    ckpt = _SyntheticCkpt(src, cfg, bits, group, dev, seed)
-    params = {
-        "bits": bits,
-        "group_size": group,
-        "scale_dtype": "bfloat16",
-        "float_dtype": "bfloat16",
-        "resident_dtype": "bfloat16",
-        "method": "minmax",
-    }
-    w = PackWriter(ckpt, out, params, {"path": "synthetic", "seed": seed})
-    w.process_shard("synthetic")
-    return w.finalize()
-
-
-def synthesize(out: Path, layers: int) -> tuple[Path, str]:
-    """The team's generator (scripts/make_synthetic.py: 4-bit, group 32, fp16 scales, the model the
-    llama.cpp comparison uses) when present, else make_synthetic above (group 64, bf16 scales)."""
-    try:
-        import make_synthetic as ms
-    except ImportError:
-        return make_synthetic(out, layers), "bench_cuda.make_synthetic"
-    if not (out / fmt.INDEX_NAME).is_file():
-        shutil.rmtree(out, ignore_errors=True)
-        ms.write(out, ms.text_config("qwen35-397b", layers), seed=0, progress=False)
-    return out, "scripts/make_synthetic.py"
+def log(*a):
+    print(f"[{time.perf_counter() - T0:7.1f}s]", *a, file=sys.stderr, flush=True)
 
 
 # ------------------------------------------------------------------------------------------ floors
 
 
-def h2d_gbs(device="cuda", nbytes=1 << 30, reps=5) -> float:
+def h2d_gbs(nbytes=1 << 30, reps=5) -> float:
+    import torch
+
     src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True).fill_(1)
-    dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
     times = []
     for _ in range(reps + 1):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -169,32 +76,18 @@ def h2d_gbs(device="cuda", nbytes=1 << 30, reps=5) -> float:
     return nbytes / statistics.median(times[1:]) / 1e9
 
 
-def d2d_gbs(device="cuda", nbytes=4 << 30, reps=5) -> float:
-    """Device copy bandwidth, bytes read + written."""
-    src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_()
-    dst = torch.empty_like(src)
-    times = []
-    for _ in range(reps + 1):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        dst.copy_(src)
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 1e3)
-    return 2 * nbytes / statistics.median(times[1:]) / 1e9
+def read_gbs(index, n: int = 512, threads: int = 16, seed: int = 1) -> dict:
+    """n random whole records with O_DIRECT, `threads` workers each keeping one read in flight."""
+    from flashmoe_pack.pack import format as fmt
 
-
-def read_gbs(index, direct: bool, n: int = 256, threads: int = 8, seed: int = 1) -> dict:
-    """Read n random whole records like the runtime does: `threads` workers, each keeping one
-    positional read in flight into its own page-aligned buffer."""
     rb = fmt.align_up(index.layout.record_bytes, 4096)
-    fds, used_direct = {}, direct
+    fds, direct = {}, True
     for e in index.layers:
         path = str(index.path / e["file"])
         try:
-            fds[e["layer"]] = os.open(path, os.O_RDONLY | (os.O_DIRECT if direct else 0))
+            fds[e["layer"]] = os.open(path, os.O_RDONLY | os.O_DIRECT)
         except OSError:
-            fds[e["layer"]], used_direct = os.open(path, os.O_RDONLY), False
+            fds[e["layer"]], direct = os.open(path, os.O_RDONLY), False
     rng = random.Random(seed)
     jobs = [(rng.choice(list(fds)), rng.randrange(index.num_experts)) for _ in range(n)]
 
@@ -210,121 +103,459 @@ def read_gbs(index, direct: bool, n: int = 256, threads: int = 8, seed: int = 1)
         dt = time.perf_counter() - t0
     for fd in fds.values():
         os.close(fd)
-    return {"GB_s": total / dt / 1e9, "direct": used_direct, "threads": threads, "bytes": total}
+    return {"GB_s": total / dt / 1e9, "direct": direct, "threads": threads, "bytes": total}
 
 
-# ------------------------------------------------------------------------------------------ decode
+# ------------------------------------------------------------------------------- machine plumbing
 
 
-def decode_run(m, k: int, budget, io: str, tokens: int, warmup: int, preload: bool, policy: str = "lru",
-               threads: int = 8) -> dict:
-    """Swap in a fresh VRAM cache, set K, prefill 8 tokens, then time `tokens` greedy decode steps."""
-    from flashmoe_pack.backends.cuda import cuda_experts
-    from flashmoe_pack.engine.gpu_cache import POLICIES
-    from flashmoe_pack.engine.profiler import Profiler
-
-    m.store.close()
-    m.store = None
-    if m.device.type == "cuda":
-        torch.cuda.empty_cache()
-    m.store, m.experts = cuda_experts(m.index, budget, io=io, threads=threads, device=m.device)
-    m.store.policy = POLICIES[policy]()
-    m.model.experts = m.experts
-    m.model.config.num_experts_per_tok = k
-    t_pre = time.perf_counter()
-    if preload:
-        m.store.preload()
-    t_pre = time.perf_counter() - t_pre
-    state = m.model.new_state()
-    tok = int(m.model.forward((torch.arange(8) * 997 + 11) % m.config.vocab_size, state)[-1].argmax())
-    for _ in range(warmup):
-        tok = int(m.model.forward(torch.tensor([tok]), state)[-1].argmax())
-    s0, b0 = m.store.stats.snapshot(), m.store.tier.fetch_seconds
-    times = []
-    for _ in range(tokens):
-        t0 = time.perf_counter()
-        tok = int(m.model.forward(torch.tensor([tok]), state)[-1].argmax())  # argmax -> host: synced
-        times.append(time.perf_counter() - t0)
-    s1 = m.store.stats
-    prof = Profiler(sync=torch.cuda.synchronize if m.device.type == "cuda" else None)  # where the time goes
-    m.experts.profiler = prof
-    for _ in range(3):
-        tok = int(m.model.forward(torch.tensor([tok]), state, prof)[-1].argmax())
-    m.experts.profiler = None
-    med = statistics.median(times)
-    hits, misses = s1.hits - s0.hits, s1.misses - s0.misses
-    return {
-        "K": k,
-        "io": io,
-        "policy": policy,
-        "threads": threads,
-        "slots": m.store.n_slots,
-        "direct": m.store.direct,
-        "preload_s": t_pre,
-        "median_ms": med * 1e3,
-        "tok_s": 1 / med,
-        "min_ms": min(times) * 1e3,
-        "max_ms": max(times) * 1e3,
-        "hit_rate": hits / (hits + misses) if hits + misses else 0.0,
-        "disk_MB_per_tok": (s1.bytes_read - s0.bytes_read) / tokens / 1e6,
-        "fetch_ms_per_tok": (m.store.tier.fetch_seconds - b0) / tokens * 1e3,
-        "profile_ms_per_tok": {k2: v / 3 * 1e3 for k2, v in prof.by_section().items()},
-    }
+def drop_caches() -> bool:
+    try:
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
 
 
-def run(dir: Path, layers: int, tokens: int, warmup: int, deadline: float | None = None) -> dict:
+def setup_cgroup(limit: int) -> str | None:
+    """cgroup v2 child group with memory.max = limit (swap 0); None when that is not possible."""
+    try:
+        ctl = Path("/sys/fs/cgroup/cgroup.subtree_control")
+        if "memory" not in ctl.read_text().split():
+            ctl.write_text("+memory\n")
+        CG.mkdir(exist_ok=True)
+        (CG / "memory.max").write_text(f"{limit}\n")
+        if (CG / "memory.swap.max").exists():
+            (CG / "memory.swap.max").write_text("0\n")
+        return None
+    except OSError as e:
+        return f"cgroup v2 memory limit unavailable: {e}"
+
+
+def in_cgroup(cmd: list[str], limited: bool) -> list[str]:
+    if not limited:
+        return cmd
+    return ["sh", "-c", f'echo $$ > {CG}/cgroup.procs && exec "$@"', "sh", *cmd]
+
+
+def cgroup_peak() -> int | None:
+    for name in ("memory.peak",):
+        try:
+            return int((CG / name).read_text())
+        except (OSError, ValueError):
+            pass
+    return None
+
+
+def disk_read_bytes() -> int:
+    """Bytes read from whole disks since boot (/proc/diskstats, partitions and virtual devices skipped)."""
+    total = 0
+    for ln in open("/proc/diskstats"):
+        f = ln.split()
+        name = f[2]
+        if re.fullmatch(r"(vd[a-z]+|sd[a-z]+|xvd[a-z]+|nvme\d+n\d+)", name):
+            total += int(f[5]) * 512
+    return total
+
+
+class Sampler:
+    """Background samples of (time, disk bytes read) every 0.25 s and `nvidia-smi dmon -s t` (PCIe MB/s)."""
+
+    def __init__(self):
+        self.disk: list[tuple[float, int]] = []
+        self.pcie: list[tuple[float, float, float]] = []  # (time, rx MB/s to the GPU, tx MB/s)
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        try:
+            self._dmon = subprocess.Popen(["nvidia-smi", "dmon", "-s", "t", "-d", "1"], stdout=subprocess.PIPE,
+                                          stderr=subprocess.DEVNULL, text=True)
+            self._td = threading.Thread(target=self._read_dmon, daemon=True)
+        except OSError:
+            self._dmon = self._td = None
+
+    def __enter__(self):
+        self._t.start()
+        if self._td:
+            self._td.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+        if self._dmon:
+            self._dmon.terminate()
+            self._dmon.wait()
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.disk.append((time.time(), disk_read_bytes()))
+            self._stop.wait(0.25)
+        self.disk.append((time.time(), disk_read_bytes()))
+
+    def _read_dmon(self):
+        for ln in self._dmon.stdout:
+            f = ln.split()
+            if f and not ln.startswith("#") and len(f) >= 3:
+                try:
+                    self.pcie.append((time.time(), float(f[1]), float(f[2])))
+                except ValueError:
+                    pass
+
+    def window(self, t0: float, t1: float) -> dict:
+        def at(t):
+            best = min(self.disk, key=lambda s: abs(s[0] - t))
+            return best[1]
+
+        rx = [r for t, r, _ in self.pcie if t0 <= t <= t1 + 0.5]
+        return {"disk_bytes": at(t1) - at(t0), "seconds": t1 - t0,
+                "pcie_rx_MB_s_mean": statistics.mean(rx) if rx else None, "pcie_samples": len(rx)}
+
+
+# --------------------------------------------------------------------------------- GGUF expert K
+
+
+def gguf_u32_offset(path: Path, key: str) -> int:
+    """File offset of the uint32 value of metadata `key` in a GGUF (v2/v3)."""
+    sizes = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+    with open(path, "rb") as f:
+        data = f.read(1 << 24)
+    if data[:4] != b"GGUF":
+        raise ValueError(f"{path}: not a GGUF file")
+    n_kv = struct.unpack_from("<Q", data, 16)[0]
+    pos = 24
+
+    def string(p):
+        n = struct.unpack_from("<Q", data, p)[0]
+        return data[p + 8 : p + 8 + n].decode("utf-8", "replace"), p + 8 + n
+
+    def skip(p, t):
+        if t in sizes:
+            return p + sizes[t]
+        if t == 8:
+            return string(p)[1]
+        if t == 9:
+            et, n = struct.unpack_from("<IQ", data, p)
+            p += 12
+            for _ in range(n):
+                p = skip(p, et)
+            return p
+        raise ValueError(f"{path}: unknown GGUF value type {t}")
+
+    for _ in range(n_kv):
+        name, pos = string(pos)
+        t = struct.unpack_from("<I", data, pos)[0]
+        pos += 4
+        if name == key:
+            if t != 4:
+                raise ValueError(f"{path}: {key} has GGUF type {t}, expected uint32")
+            return pos
+        pos = skip(pos, t)
+    raise KeyError(f"{path}: no metadata key {key}")
+
+
+def set_gguf_k(path: Path, k: int) -> int:
+    off = gguf_u32_offset(path, "qwen35moe.expert_used_count")
+    with open(path, "r+b") as f:
+        f.seek(off)
+        old = struct.unpack("<I", f.read(4))[0]
+        f.seek(off)
+        f.write(struct.pack("<I", k))
+    return old
+
+
+# ------------------------------------------------------------------------------ flashmoe child run
+
+
+def engine_run(spec: dict) -> dict:
+    """One flashmoe-pack process: load, warm up, fresh caches, TTFT + decode for each K in spec."""
+    import torch
+
     import flashmoe_pack
+    from flashmoe_pack.backends.cuda import cuda_experts
 
-    res: dict = {"layers": layers}
+    dev = spec.get("device", "cuda")  # "cpu": a dry run of this logic (tests, TRITON_INTERPRET=1)
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
     t0 = time.perf_counter()
-    path, res["generator"] = synthesize(dir, layers)
-    res["generate_s"] = time.perf_counter() - t0
-    ix = flashmoe_pack.pack.load_index(path)
-    res["record_bytes"] = ix.layout.record_bytes
-    res["h2d_GB_s"] = h2d_gbs()
-    res["d2d_GB_s"] = d2d_gbs()
-    res["disk"] = [read_gbs(ix, direct=d, threads=q, seed=q + d) for d in (True, False) for q in (8, 16, 32)]
-    m = flashmoe_pack.load(path, device="cuda", gpu_expert_cache="1GiB")
-    res["resident_bytes"] = sum(
-        t.numel() * t.element_size() for n, t in _resident(m).items() if "embed_tokens" not in n
-    )
-    slot = fmt.align_up(ix.layout.record_bytes, 256)
-    every = layers * ix.num_experts * slot
-    runs = []
-    part = layers * 64 * slot  # 12.5% of every layer's experts
-    plan = [(10, every, "os", True, 8), (4, every, "os", True, 8), (10, part, "direct", False, 8),
-            (10, part, "direct", False, 16), (4, part, "direct", False, 16), (10, part, "os", False, 16),
-            (10, 10 * slot, "direct", False, 16)]
-    for k, budget, io, pre, threads in plan:
-        if deadline and time.perf_counter() > deadline:
-            runs.append({"K": k, "budget": budget, "io": io, "skipped": "time"})
-            continue
-        r = decode_run(m, k, budget, io, tokens, warmup, pre, threads=threads)
-        r["budget_GiB"] = budget / 2**30
-        runs.append(r)
-        print(json.dumps(r), flush=True)
-    m.close()
-    res["runs"] = runs
-    return res
+    m = flashmoe_pack.load(spec["model"], device=dev, expert_cache=spec["host"], gpu_expert_cache=spec["vram"],
+                           io="direct", threads=spec["threads"])
+    out = {"load_s": time.perf_counter() - t0, "runs": []}
+    rng = random.Random(0)
+    vocab = m.config.vocab_size
+    # warm-up: Triton compiles for prefill and decode (on its own state), then fresh tiers
+    for _ in m.generate_ids([rng.randrange(vocab) for _ in range(16)], max_tokens=3, stop_ids=()):
+        pass
+    for k in spec["ks"]:
+        m.store.close()
+        if dev == "cuda":
+            torch.cuda.empty_cache()
+        m.store, m.experts = cuda_experts(m.index, spec["vram"], io="direct", threads=spec["threads"],
+                                          device=m.device, host_budget=spec["host"])
+        m.model.experts = m.experts
+        m.model.config.num_experts_per_tok = k
+        r = {"K": k}
+        if spec.get("preload"):
+            t = time.perf_counter()
+            m.store.preload()
+            sync()
+            r["preload_s"] = time.perf_counter() - t
+        prompt = [rng.randrange(vocab) for _ in range(spec["prompt"])]
+        snaps = []
+        wall = []
+        for i, _tok in enumerate(m.generate_ids(prompt, max_tokens=spec["tokens"] + 1, stop_ids=())):
+            if i == 0:
+                snaps.append(m.store.tier_stats())
+                wall.append(time.time())
+        snaps.append(m.store.tier_stats())
+        wall.append(time.time())
+        st = m.last_stats
+        a, b = snaps
+        n = st.generated_tokens - 1
 
+        def d(tier, key, a=a, b=b):
+            return b[tier][key] - a[tier][key]
 
-def _resident(m) -> dict:
-    out = {"lm_head": m.model.lm_head, "embed_tokens": m.model.embed}
-    for i, w in enumerate(m.model.layers):
-        out.update({f"{i}.{n}": t for n, t in w.items()})
+        vh, vm = d("vram", "hits"), d("vram", "misses")
+        hh, hm = d("host", "hits"), d("host", "misses")
+        r.update({
+            "ttft_s": st.ttft_s, "decode_tok_s": st.decode_tok_s, "decode_tokens": n,
+            "vram_slots": b["vram"]["slots"], "host_budget_bytes": b["host"]["budget_bytes"],
+            "host_note": m.store.host_note,
+            "vram_hit": vh / (vh + vm) if vh + vm else 0.0,
+            "host_hit": hh / (hh + hm) if hh + hm else 0.0,
+            "disk_bytes_per_tok": d("disk", "bytes") / max(n, 1),
+            "h2d_bytes_per_tok": d("vram", "h2d_bytes") / max(n, 1),
+            "disk_GB_s": d("disk", "bytes") / st.decode_s / 1e9 if st.decode_s else 0.0,
+            "pcie_GB_s": d("vram", "h2d_bytes") / st.decode_s / 1e9 if st.decode_s else 0.0,
+            "prefill_disk_bytes": a["disk"]["bytes"], "decode_window": [wall[0], wall[1]],
+            "direct": b["disk"]["direct"],
+        })
+        out["runs"].append(r)
+        print(json.dumps(r), file=sys.stderr, flush=True)
+    import resource
+
+    out["max_rss_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return out
 
 
-if __name__ == "__main__":
+def run_flashmoe(args, spec: dict, limited: bool, timeout: int) -> dict:
+    drop_caches()
+    cmd = in_cgroup([sys.executable, __file__, "--engine-run", json.dumps(spec)], limited)
+    with Sampler() as smp:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    (args.out / "engine.log").open("a").write(p.stderr)
+    if p.returncode != 0:
+        return {"error": f"rc {p.returncode}: {p.stderr[-1500:]}", "peak": cgroup_peak() if limited else None}
+    res = json.loads(p.stdout.strip().splitlines()[-1])
+    for r in res["runs"]:
+        w = smp.window(*r["decode_window"])
+        r["pcie_rx_MB_s_dmon"] = w["pcie_rx_MB_s_mean"]
+        r["disk_bytes_per_tok_diskstats"] = w["disk_bytes"] / max(r["decode_tokens"], 1)
+    res["cgroup_peak"] = cgroup_peak() if limited else None
+    return res
+
+
+# ---------------------------------------------------------------------------------- llama.cpp run
+
+
+def run_llama(args, k: int, ncmoe: int, prompt: int, tokens: int, reps: int, limited: bool, timeout: int) -> dict:
+    old = set_gguf_k(args.gguf, k)
+    drop_caches()
+    cmd = [str(args.llama_bench), "-m", str(args.gguf), "-ngl", "99", "-ncmoe", str(ncmoe), "-p", str(prompt),
+           "-n", str(tokens), "-r", str(reps), "-t", str(args.cpu_threads), "-o", "json"]
+    try:
+        with Sampler() as smp:
+            t_start = time.time()
+            p = subprocess.run(in_cgroup(cmd, limited), capture_output=True, text=True, timeout=timeout)
+            t_end = time.time()
+    except subprocess.TimeoutExpired as e:
+        return {"error": f"timeout after {timeout}s", "cmd": " ".join(cmd), "stderr": str(e.stderr)[-800:]}
+    finally:
+        set_gguf_k(args.gguf, old)
+    (args.out / "llama.log").open("a").write(" ".join(cmd) + "\n" + p.stderr[-6000:] + "\n")
+    if p.returncode != 0:
+        return {"error": f"rc {p.returncode}", "cmd": " ".join(cmd), "stderr": p.stderr[-1500:],
+                "peak": cgroup_peak() if limited else None}
+    rows = json.loads(p.stdout)
+    out = {"K": k, "ncmoe": ncmoe, "cmd": " ".join(cmd), "wall_s": t_end - t_start,
+           "cgroup_peak": cgroup_peak() if limited else None}
+    for r in rows:
+        if r.get("n_gen", 0) > 0:
+            out["decode_tok_s"] = r["avg_ts"]
+            out["decode_tok_s_sd"] = r.get("stddev_ts")
+            dec_s = r["avg_ns"] / 1e9  # one repetition of the decode test, the last thing llama-bench did
+            w = smp.window(t_end - dec_s * reps, t_end)
+            out["disk_bytes_per_tok"] = w["disk_bytes"] / (tokens * reps)
+            out["disk_GB_s"] = w["disk_bytes"] / w["seconds"] / 1e9 if w["seconds"] else 0.0
+            out["pcie_rx_MB_s_dmon"] = w["pcie_rx_MB_s_mean"]
+        elif r.get("n_prompt", 0) > 0:
+            out["prefill_tok_s"] = r["avg_ts"]
+            out["ttft_s"] = r["n_prompt"] / r["avg_ts"]  # prompt processing time (no sampling)
+    return out
+
+
+# ---------------------------------------------------------------------------------------- driver
+
+
+def floors(args, ix, gguf_expert: int, gpu_layers: int, host_bytes: float, h2d: float, disk: float) -> dict:
+    L, E = len(ix.layers), ix.num_experts
+    rec = ix.layout.record_bytes
+    out = {}
+    for name, size, host_experts in (("flashmoe", rec, host_bytes / rec), ("llama.cpp", gguf_expert,
+                                                                          host_bytes / gguf_expert)):
+        f_v = gpu_layers / L
+        f = min(1.0, f_v + host_experts / (L * E))
+        row = {}
+        for k in args.k:
+            disk_b = k * L * size * (1 - f)
+            pcie_b = k * L * size * (1 - f_v) if name == "flashmoe" else 0.0  # llama.cpp computes CPU experts on CPU
+            t = max(disk_b / (disk * 1e9), pcie_b / (h2d * 1e9))
+            row[k] = {"disk_bytes": disk_b, "pcie_bytes": pcie_b, "tok_s": 1 / t if t else float("inf"), "f": f}
+        out[name] = row
+    return out
+
+
+def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--dir", type=Path, default=Path("/tmp/fmp-synthetic"))
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--tokens", type=int, default=16)
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--out", type=Path, default=None)
-    a = ap.parse_args()
-    r = run(a.dir / f"syn{a.layers}", a.layers, a.tokens, a.warmup)
-    text = json.dumps(r, indent=1)
-    print(text)
-    if a.out:
-        a.out.write_text(text)
+    ap.add_argument("model", type=Path, nargs="?")
+    ap.add_argument("gguf", type=Path, nargs="?")
+    ap.add_argument("--llama-bench", type=Path, default=None)
+    ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench-out")))
+    ap.add_argument("--k", type=int, nargs="+", default=[10, 4])
+    ap.add_argument("--tokens", type=int, default=16, help="decode tokens, streaming runs")
+    ap.add_argument("--resident-tokens", type=int, default=64)
+    ap.add_argument("--prompt", type=int, default=512)
+    ap.add_argument("--gpu-layers", type=int, default=None, help="layers' worth of experts in VRAM")
+    ap.add_argument("--mem-limit", type=float, default=None, help="host memory limit, bytes")
+    ap.add_argument("--threads", type=int, default=16, help="flashmoe reader threads")
+    ap.add_argument("--cpu-threads", type=int, default=16, help="llama.cpp threads")
+    ap.add_argument("--skip", nargs="*", default=[], help="flashmoe llama resident stream")
+    ap.add_argument("--engine-run", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.engine_run:
+        print(json.dumps(engine_run(json.loads(args.engine_run))))
+        return
+    from flashmoe_pack.pack import format as fmt
+    from flashmoe_pack.pack import load_index
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    ix = load_index(args.model)
+    L, E = len(ix.layers), ix.num_experts
+    gsize = args.gguf.stat().st_size
+    c = ix.raw["experts"]
+    gguf_expert = 3 * c["hidden_size"] * c["intermediate_size"] // 32 * 18
+    gpu_layers = args.gpu_layers if args.gpu_layers is not None else max(1, round(ISSUE_GPU_LAYERS * L / ISSUE_LAYERS))
+    limit = int(args.mem_limit or ISSUE_HOST * gsize / ISSUE_GGUF_BYTES)
+    slot = fmt.align_up(ix.layout.record_bytes, 256)
+    res = {"layers": L, "experts": E, "record_bytes": ix.layout.record_bytes, "gguf_expert_bytes": gguf_expert,
+           "gguf_bytes": gsize, "gpu_layers": gpu_layers, "ncmoe": L - gpu_layers, "mem_limit": limit,
+           "vram_expert_bytes": gpu_layers * E * slot, "args": {k: str(v) for k, v in vars(args).items()}}
+    res["cgroup_error"] = setup_cgroup(limit)
+    limited = res["cgroup_error"] is None
+    res["drop_caches"] = drop_caches()
+    log("setup", json.dumps(res))
+    res["h2d_GB_s"] = h2d_gbs()
+    res["disk_before"] = read_gbs(ix)
+    log("floors", res["h2d_GB_s"], res["disk_before"])
+
+    def save():
+        (args.out / "bench_cuda.json").write_text(json.dumps(res, indent=1, default=str))
+
+    save()
+    budget = {"vram": gpu_layers * E * slot, "host": "auto", "threads": args.threads, "prompt": args.prompt,
+              "model": str(args.model)}
+    if "flashmoe" not in args.skip and "stream" not in args.skip:
+        for k in args.k:
+            log("flashmoe stream K", k)
+            res[f"flashmoe_stream_K{k}"] = run_flashmoe(args, {**budget, "ks": [k], "tokens": args.tokens},
+                                                        limited, 400)
+            log(json.dumps(res[f"flashmoe_stream_K{k}"])[:600])
+            save()
+    if "llama" not in args.skip and "stream" not in args.skip and args.llama_bench:
+        for k in args.k:
+            log("llama.cpp stream K", k)
+            res[f"llama_stream_K{k}"] = run_llama(args, k, L - gpu_layers, args.prompt, args.tokens, 1, limited,
+                                                  400)
+            log(json.dumps(res[f"llama_stream_K{k}"])[:600])
+            save()
+    if "resident" not in args.skip:
+        if "flashmoe" not in args.skip:
+            log("flashmoe resident")
+            spec = {**budget, "vram": L * E * slot, "host": 0, "ks": args.k, "tokens": args.resident_tokens,
+                    "preload": True}
+            res["flashmoe_resident"] = run_flashmoe(args, spec, False, 400)
+            log(json.dumps(res["flashmoe_resident"])[:600])
+            save()
+        if "llama" not in args.skip and args.llama_bench:
+            for k in args.k:
+                log("llama.cpp resident K", k)
+                res[f"llama_resident_K{k}"] = run_llama(args, k, 0, args.prompt, args.resident_tokens, 3, False, 300)
+                log(json.dumps(res[f"llama_resident_K{k}"])[:600])
+                save()
+    res["disk_after"] = read_gbs(ix, seed=2)
+    disk = statistics.mean([res["disk_before"]["GB_s"], res["disk_after"]["GB_s"]])
+    host_bytes = None
+    for k in args.k:
+        r = res.get(f"flashmoe_stream_K{k}", {})
+        if r.get("runs"):
+            host_bytes = r["runs"][0]["host_budget_bytes"]
+    res["floors"] = floors(args, ix, gguf_expert, gpu_layers, host_bytes or 0, res["h2d_GB_s"], disk)
+    res["table"] = table(res, args)
+    save()
+    (args.out / "bench_cuda.md").write_text(res["table"])
+    print(res["table"])
+
+
+def _f(v, fmt_="{:.2f}"):
+    return "-" if v is None else fmt_.format(v)
+
+
+def table(res: dict, args) -> str:
+    L = res["layers"]
+    rows = ["| case | engine | K | decode tok/s | TTFT 512 s | VRAM hit | host hit | disk MB/tok | disk GB/s "
+            "| PCIe GB/s | floor tok/s | share of floor |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for k in args.k:
+        fl = res["floors"]
+        r = (res.get(f"flashmoe_stream_K{k}", {}).get("runs") or [None])[0]
+        if r:
+            f = fl["flashmoe"][k]["tok_s"]
+            rows.append(f"| streaming | flashmoe | {k} | {_f(r['decode_tok_s'])} | {_f(r['ttft_s'], '{:.1f}')} | "
+                        f"{r['vram_hit'] * 100:.0f}% | {r['host_hit'] * 100:.0f}% | "
+                        f"{r['disk_bytes_per_tok'] / 1e6:.0f} | {_f(r['disk_GB_s'])} | {_f(r['pcie_GB_s'])} | "
+                        f"{_f(f)} | {r['decode_tok_s'] / f * 100:.0f}% |")
+        elif f"flashmoe_stream_K{k}" in res:
+            rows.append(f"| streaming | flashmoe | {k} | failed: {str(res[f'flashmoe_stream_K{k}'])[:200]} |")
+        q = res.get(f"llama_stream_K{k}")
+        if q and "decode_tok_s" in q:
+            f = fl["llama.cpp"][k]["tok_s"]
+            ph = 1 - q["disk_bytes_per_tok"] / max(k * (L - res["gpu_layers"]) * res["gguf_expert_bytes"], 1)
+            pcie = q["pcie_rx_MB_s_dmon"] / 1e3 if q.get("pcie_rx_MB_s_dmon") is not None else None
+            rows.append(f"| streaming | llama.cpp | {k} | {_f(q['decode_tok_s'])} | {_f(q.get('ttft_s'), '{:.1f}')} | "
+                        f"{res['gpu_layers'] / L * 100:.0f}% (fixed) | {max(ph, 0) * 100:.0f}% (page cache) | "
+                        f"{q['disk_bytes_per_tok'] / 1e6:.0f} | {_f(q['disk_GB_s'])} | {_f(pcie)} (dmon) | "
+                        f"{_f(f)} | {q['decode_tok_s'] / f * 100:.0f}% |")
+        elif q:
+            rows.append(f"| streaming | llama.cpp | {k} | failed: {q.get('error')} |")
+    fr = res.get("flashmoe_resident", {}).get("runs", [])
+    for r in fr:
+        rows.append(f"| resident | flashmoe | {r['K']} | {_f(r['decode_tok_s'])} | {_f(r['ttft_s'], '{:.2f}')} | "
+                    f"{r['vram_hit'] * 100:.0f}% | - | 0 | - | - | - | - |")
+    for k in args.k:
+        q = res.get(f"llama_resident_K{k}")
+        if q and "decode_tok_s" in q:
+            rows.append(f"| resident | llama.cpp | {k} | {_f(q['decode_tok_s'])} | {_f(q.get('ttft_s'), '{:.2f}')} | "
+                        "100% | - | 0 | - | - | - | - |")
+        elif q:
+            rows.append(f"| resident | llama.cpp | {k} | failed: {q.get('error')} |")
+    head = (f"Qwen3.5-397B geometry, {L} layers (flashmoe-pack record {res['record_bytes'] / 2**20:.2f} MiB, "
+            f"GGUF Q4_0 expert {res['gguf_expert_bytes'] / 2**20:.2f} MiB, GGUF {res['gguf_bytes'] / 1e9:.1f} GB); "
+            f"VRAM for experts: {res['gpu_layers']} of {L} layers ({res['vram_expert_bytes'] / 1e9:.2f} GB; "
+            f"llama.cpp -ncmoe {res['ncmoe']}); host memory limit {res['mem_limit'] / 1e9:.2f} GB "
+            f"({'cgroup v2 memory.max' if not res.get('cgroup_error') else res['cgroup_error']}); "
+            f"disk {res['disk_before']['GB_s']:.2f} / {res['disk_after']['GB_s']:.2f} GB/s (O_DIRECT records, "
+            f"16 threads, before / after), H2D {res['h2d_GB_s']:.1f} GB/s (pinned)\n\n")
+    return head + "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":
+    main()
