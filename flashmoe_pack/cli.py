@@ -168,8 +168,11 @@ def _verify_e2e(packed: Path, reference: Path, prompts: int, engine: str, bits: 
     return bool(fails)
 
 
-HOST_CACHE_HELP = ("Byte budget of the runtime's expert cache in RAM, e.g. 8GiB or 0 (default: 1GiB; on cuda "
-                   "'auto', the host tier under the VRAM one: available memory less a reserve).")
+HOST_CACHE_HELP = ("Byte budget of the runtime's expert cache in RAM, e.g. 8GiB or 0, or 'auto' (default: "
+                   "available memory - resident weights - max(2 GiB, 15%), at most 1 GiB with --io os; on cuda "
+                   "the host tier under the VRAM one).")
+IO_HELP = ("auto (default: direct where the filesystem accepts O_DIRECT, on Linux; else os) | os (page cache) | "
+           "direct (O_DIRECT / F_NOCACHE, own cache only).")
 GPU_CACHE_HELP = "cuda: byte budget of the VRAM expert tier ('auto': free device memory less a reserve)."
 
 
@@ -177,7 +180,7 @@ def host_cache(value: str | None, device: str) -> str:
     """--expert-cache / --host-expert-cache with its device-dependent default."""
     if value is not None:
         return value
-    return "auto" if device.startswith("cuda") else "1GiB"
+    return "auto"
 
 
 @app.command()
@@ -195,10 +198,11 @@ def run(
                                                          "Fewer is faster but costs quality."),
     expert_cache: str | None = typer.Option(None, "--expert-cache", "--host-expert-cache", help=HOST_CACHE_HELP),
     gpu_expert_cache: str = typer.Option("auto", help=GPU_CACHE_HELP),
-    io: str = typer.Option("os", help="os (page cache) | direct (O_DIRECT / F_NOCACHE, own cache only)."),
+    io: str = typer.Option("auto", help=IO_HELP),
     threads: int = typer.Option(8, help="Parallel expert reads."),
     device: str = typer.Option("cpu", help="cpu | cuda | mps."),
     timing: bool = typer.Option(False, help="Print a per-layer time breakdown and totals."),
+    verify_reads: bool = typer.Option(True, help="Check every expert record read against its xxhash64."),
 ):
     """Generate text, streaming experts from disk."""
     from . import load
@@ -210,7 +214,7 @@ def run(
             _fail("--tokens must be at least 1", 2)
         sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
         m = load(model, device=device, expert_cache=host_cache(expert_cache, device), io=io, threads=threads,
-                 experts_per_token=experts_per_token, gpu_expert_cache=gpu_expert_cache)
+                 experts_per_token=experts_per_token, gpu_expert_cache=gpu_expert_cache, verify_reads=verify_reads)
         prof = Profiler(sync=_sync_fn(device)) if timing else None
         for text in m.generate(prompt, chat=chat, max_tokens=tokens, sampling=sampling, profiler=prof):
             sys.stdout.write(text)
@@ -220,6 +224,8 @@ def run(
             from .engine.report import timing_report
 
             typer.echo(timing_report(m, prof), err=True)
+            if hasattr(m.store, "describe"):  # cpu: io mode, cache budget and how it was chosen
+                typer.echo(m.store.describe(), err=True)
             if hasattr(m.store, "tier_report"):  # cuda: VRAM / host / disk tiers
                 typer.echo(m.store.tier_report(), err=True)
 

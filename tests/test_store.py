@@ -178,8 +178,16 @@ def status(k):
     for line in open("/proc/self/status"):
         if line.startswith(k + ":"):
             return int(line.split()[1]) * 1024
-path, cache, io = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-m = flashmoe_pack.load(path, expert_cache=cache, io=io, threads=2)
+path, cache, io = sys.argv[1], sys.argv[2], sys.argv[3]
+if cache.startswith("auto:"):  # pretend only resident + reserve + N bytes are available
+    from flashmoe_pack.engine import store
+    from flashmoe_pack.pack import load_index
+    extra = int(cache[5:])
+    resident = store.estimate_resident_bytes(load_index(path))
+    avail = resident + 2 * 2**30 + extra
+    store.memory_info = lambda: store.MemoryInfo(total=avail, available=avail, source="test")
+    cache = "auto"
+m = flashmoe_pack.load(path, expert_cache=cache if cache == "auto" else int(cache), io=io, threads=2)
 m.logits([1, 2, 3])  # first call: allocator and kernel set-up
 loaded = status("VmRSS")
 open("/proc/self/clear_refs", "w").write("5")  # reset VmHWM to the current RSS
@@ -187,28 +195,34 @@ ids = torch.randint(0, 256, (192,), generator=torch.Generator().manual_seed(0)).
 m.logits(ids)  # prefill: nearly every expert of every layer
 list(m.generate_ids(ids[:8], max_tokens=8, stop_ids=()))
 print(json.dumps({"loaded": loaded, "peak": status("VmHWM"), "inflight": m.store.inflight,
-                  "read_bytes": m.store.read_bytes, "misses": m.store.stats.misses}))
+                  "read_bytes": m.store.read_bytes, "misses": m.store.stats.misses,
+                  "cache": m.store.cache_bytes, "io_mode": m.store.io_mode}))
 """
 
 
-@pytest.mark.parametrize("io", ["os", "direct"])
-def test_peak_rss_within_budget(tmp_path_factory, io):
+@pytest.mark.parametrize("io,cache", [("os", 16 << 20), ("direct", 16 << 20), ("auto", "auto:100663296")])
+def test_peak_rss_within_budget(tmp_path_factory, io, cache):
     """Peak RSS during a prefill that reads ~all 128 experts of 2 layers (1.9 MiB records, 480 MiB of
     experts) stays within: RSS after load + cache budget + `inflight` records + 64 MiB of documented
     overhead (activations, the kernel's dequantized expert, allocator slack). Reading a layer's
-    misses all at once, as before the window, would need ~240 MiB more."""
+    misses all at once, as before the window, would need ~240 MiB more. With the defaults (io and
+    cache "auto"), the child is told that only resident + reserve + 96 MiB of memory is available: the
+    auto budget must come out as those 96 MiB (of 480 MiB of experts) and be kept like an explicit one."""
     d = tmp_path_factory.getbasetemp() / "peak_model"
     if not (d / "index.json").exists():
         cfg = ms.text_config("tiny", layers=2)
         cfg.update(hidden_size=1024, moe_intermediate_size=1024, num_experts=128, num_experts_per_tok=4)
         ms.write(d, cfg, seed=1, progress=False)
-    cache = 16 << 20
     r = subprocess.run([sys.executable, "-c", _PEAK, str(d), str(cache), io], capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     got = json.loads(r.stdout.strip().splitlines()[-1])
+    if io == "auto":
+        assert got["cache"] == 96 << 20 and got["io_mode"] in ("os", "direct")
+    else:
+        assert got["cache"] == cache
     grew = got["peak"] - got["loaded"]
-    allowed = cache + got["inflight"] * got["read_bytes"] + (64 << 20)
+    allowed = got["cache"] + got["inflight"] * got["read_bytes"] + (64 << 20)
     print(f"io={io}: peak - loaded = {grew / 2**20:.1f} MiB, allowed {allowed / 2**20:.1f} MiB")
     assert got["misses"] > 200
     assert grew <= allowed, (grew / 2**20, allowed / 2**20)

@@ -240,7 +240,7 @@ def chat(
     experts_per_token: int | None = typer.Option(None, "--experts-per-token", "-k"),
     expert_cache: str | None = typer.Option(None, "--expert-cache", "--host-expert-cache",
                                             help="Byte budget of the runtime's expert cache in RAM "
-                                                 "(default: 1GiB; on cuda 'auto', the host tier)."),
+                                                 "(default 'auto': what memory leaves; on cuda the host tier)."),
     gpu_expert_cache: str = typer.Option("auto", help="cuda: byte budget of the VRAM expert tier."),
     device: str = typer.Option("cpu", help="cpu | cuda | mps."),
 ):

@@ -31,11 +31,11 @@ def serve(
     ),
     expert_cache: str | None = typer.Option(
         None, "--expert-cache", "--host-expert-cache",
-        help="Byte budget of the runtime's expert cache in RAM, e.g. 8GiB or 0 (default: 1GiB; on cuda 'auto', "
-             "the host tier).",
+        help="Byte budget of the runtime's expert cache in RAM, e.g. 8GiB or 0 (default 'auto': what memory "
+             "leaves after the resident weights and a reserve; on cuda the host tier).",
     ),
     gpu_expert_cache: str = typer.Option("auto", help="cuda: byte budget of the VRAM expert tier."),
-    io: str = typer.Option("os", help="os (page cache) | direct (O_DIRECT / F_NOCACHE)."),
+    io: str = typer.Option("auto", help="auto (direct where O_DIRECT works, Linux) | os (page cache) | direct."),
     threads: int = typer.Option(8, help="Parallel expert reads."),
     device: str = typer.Option("cpu", help="cpu | cuda | mps."),
     compute_threads: int | None = typer.Option(

@@ -23,7 +23,7 @@ from .moe import StreamedExperts
 from .profiler import Profiler
 from .resident import load_resident
 from .sampler import SamplingParams, sample
-from .store import ExpertStore, StoreStats
+from .store import ExpertStore, StoreStats, estimate_resident_bytes
 
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "KIB": 1 << 10, "M": 1 << 20, "MB": 1 << 20,
           "MIB": 1 << 20, "G": 1 << 30, "GB": 1 << 30, "GIB": 1 << 30, "T": 1 << 40, "TB": 1 << 40, "TIB": 1 << 40}
@@ -89,8 +89,9 @@ class Model:
                                                     verify_reads=verify_reads, device=self.device,
                                                     host_budget=expert_cache)
         else:
-            self.store = ExpertStore(index, parse_size(expert_cache), io=io, threads=threads,
-                                     verify_reads=verify_reads, device=self.device)
+            cache = "auto" if str(expert_cache).strip().lower() == "auto" else parse_size(expert_cache)
+            self.store = ExpertStore(index, cache, io=io, threads=threads, verify_reads=verify_reads,
+                                     device=self.device, resident_bytes=estimate_resident_bytes(index, dtype))
         cls = get_model_class(index.raw["model_type"])
         overrides = {"num_experts_per_tok": experts_per_token} if experts_per_token else {}
         self.config = cls.config_class.from_dict(index.raw["config"], **overrides)
@@ -176,14 +177,16 @@ class Model:
         return tuple(sorted(ids))
 
 
-def load(path: str | Path | None = None, device: str = "cpu", expert_cache: int | str = "1GiB",
-         io: str = "os", threads: int = 8, experts_per_token: int | None = None,
+def load(path: str | Path | None = None, device: str = "cpu", expert_cache: int | str = "auto",
+         io: str = "auto", threads: int = 8, experts_per_token: int | None = None,
          dtype: torch.dtype | str | None = None, verify_reads: bool = True,
          gpu_expert_cache: int | str = "auto") -> Model:
     """Load a packed model directory (None: the built-in tiny default model).
 
-    expert_cache: byte budget of the runtime's own expert cache ("2GiB", 0 to rely on the OS).
-    io: "os" (page cache) or "direct" (O_DIRECT / F_NOCACHE). experts_per_token: smaller K than the
+    expert_cache: byte budget of the runtime's own expert cache ("2GiB", 0 to rely on the OS, "auto":
+    available memory - resident weights - max(2 GiB, 15% of memory), at most 1 GiB with io "os"; see store.py).
+    io: "os" (page cache), "direct" (O_DIRECT / F_NOCACHE) or "auto" (Linux: "direct" where the filesystem
+    accepts it, else "os"; elsewhere "os"). experts_per_token: smaller K than the
     model's own is faster and costs quality. dtype: compute dtype of resident weights (default: as stored).
     verify_reads: check every record read from disk against its xxhash64.
     gpu_expert_cache: device "cuda": byte budget of the VRAM expert cache ("auto": free device memory
