@@ -285,3 +285,51 @@ def test_concurrent_callers_and_fork():
     if sys.platform.startswith("linux"):
         with multiprocessing.get_context("fork").Pool(1) as pool:
             assert torch.equal(pool.apply(cpu.matmul, (x, p, 2)), want)
+
+
+# ------------------------------------------------------------- dequantize / quantize (fmk_convert.c)
+
+CONVERT = [(bits, sd) for bits in (2, 4, 8) for sd in (torch.bfloat16, torch.float16, torch.float32)]
+
+
+@pytest.mark.parametrize("bits,sdtype", CONVERT)
+@pytest.mark.parametrize("wdtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_quantize_matches_minmax_twin(bits, sdtype, wdtype):
+    """fmk_quantize is quant.quantize(method="minmax") bit for bit, also on constant groups
+    (zero scale) and groups far from zero (bias rounding pushes q out of range: clamped)."""
+    g = torch.Generator().manual_seed(bits)
+    w = (torch.randn(37, 5 * 64, generator=g) * 0.1).to(wdtype)
+    w[3] = 0.0
+    w[5, :64] = 0.5
+    w[6, :64] = 1000.0
+    w[6, 1] = 1001.5
+    got = cpu.quantize(w, bits, 64, sdtype, threads=2)
+    want = quantize(w, bits, 64, sdtype, method="minmax")
+    assert torch.equal(got.weight, want.weight)
+    assert torch.equal(got.scales, want.scales) and torch.equal(got.biases, want.biases)
+
+
+@pytest.mark.parametrize("bits,sdtype", CONVERT)
+@pytest.mark.parametrize("odtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_dequantize_rows_matches_twin(bits, sdtype, odtype):
+    from flashmoe_pack.quant import dequantize
+
+    p = make_weight(41, 288, bits, sdtype, 32, seed=bits)
+    assert torch.equal(cpu.dequantize_rows(p, 0, None, odtype, threads=2), dequantize(p, odtype))
+    assert torch.equal(cpu.dequantize_rows(p, 7, 30, odtype, threads=3), dequantize(p, odtype)[7:30])
+    assert cpu.dequantize_rows(p, 5, 5, odtype).shape == (0, 288)
+
+
+def test_convert_error_codes():
+    p = make_weight(8, 128, 4, torch.bfloat16, 64, seed=0)
+    with pytest.raises(AssertionError, match="rows"):
+        cpu.dequantize_rows(p, 3, 9)
+    m = cpu.fmk_matrix(p)
+    out = torch.empty(8, 128)
+    assert _lib().fmk_dequantize(ctypes.byref(m), 0, 8, out.data_ptr(), 7, 1) == -1  # unknown out dtype
+    assert _lib().fmk_dequantize(ctypes.byref(m), 2, 1, out.data_ptr(), 0, 1) == -1  # r1 < r0
+    with pytest.raises(ValueError, match="groups of 20"):
+        cpu.quantize(torch.randn(4, 100), 4, 20)  # a group must be whole 32-bit words
+    src, dst = cpu.fmk_matrix(torch.randn(8, 128)), cpu.fmk_matrix(p)
+    dst.rows = 9
+    assert _lib().fmk_quantize(ctypes.byref(src), ctypes.byref(dst), 1) == -1  # shapes differ

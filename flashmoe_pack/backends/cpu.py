@@ -92,10 +92,13 @@ def _declare(lib):
     lib.fmk_matmul.argtypes = [mat, f32p, i64, f32p, i32]
     lib.fmk_expert_forward.argtypes = [mat, mat, mat, f32p, i64, f32p, i32]
     lib.fmk_read_bytes.argtypes = [ctypes.c_void_p, i64, i32, ctypes.POINTER(ctypes.c_uint64)]
+    lib.fmk_dequantize.argtypes = [mat, i64, i64, ctypes.c_void_p, i32, i32]
+    lib.fmk_quantize.argtypes = [mat, mat, i32]
     for name in ("fmk_isa_supported", "fmk_set_isa", "fmk_isa_name", "fmk_dot_supported", "fmk_set_dot"):
         getattr(lib, name).argtypes = [i32]
     lib.fmk_isa_name.restype = ctypes.c_char_p
-    for name in ("fmk_matmul", "fmk_expert_forward", "fmk_read_bytes", "fmk_isa_supported", "fmk_isa_best",
+    for name in ("fmk_matmul", "fmk_expert_forward", "fmk_read_bytes", "fmk_dequantize", "fmk_quantize",
+                 "fmk_isa_supported", "fmk_isa_best",
                  "fmk_isa_active", "fmk_set_isa", "fmk_dot_supported", "fmk_dot_active", "fmk_set_dot"):
         getattr(lib, name).restype = ctypes.c_int
     return lib
@@ -198,6 +201,42 @@ def matmul_twin(x: torch.Tensor, p: QTensor | torch.Tensor) -> torch.Tensor:
     """The torch twin of `matmul`: dequantize, then matmul (float32)."""
     w = dequantize(p) if isinstance(p, QTensor) else p.float()
     return x.float() @ w.T
+
+
+def dequantize_rows(p: QTensor, r0: int = 0, r1: int | None = None, dtype: torch.dtype = torch.float32,
+                    threads: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows [r0, r1) of p dequantized to `dtype` [r1 - r0, in]: quant.dequantize(p, dtype)[r0:r1], bit for bit."""
+    m = fmk_matrix(p)
+    r1 = m.rows if r1 is None else r1
+    assert 0 <= r0 <= r1 <= m.rows, f"rows [{r0}, {r1}) of {m.rows}"
+    assert dtype in DTYPES, f"dtype {dtype}"
+    if out is None:
+        out = torch.empty(r1 - r0, m.cols, dtype=dtype)
+    assert out.shape == (r1 - r0, m.cols) and out.dtype == dtype and out.is_contiguous(), "out [rows, in] contiguous"
+    if r1 == r0:
+        return out
+    rc = _lib().fmk_dequantize(ctypes.byref(m), r0, r1, out.data_ptr(), DTYPES[dtype], threads or default_threads())
+    if rc:
+        raise CpuKernelError("fmk_dequantize", rc)
+    return out
+
+
+def quantize(w: torch.Tensor, bits: int = 8, group_size: int = 64, scale_dtype: torch.dtype = torch.bfloat16,
+             threads: int | None = None) -> QTensor:
+    """Min/max group-wise quantization of a float matrix w [out, in] in C: the same QTensor as
+    quant.quantize(w, bits, group_size, scale_dtype, method="minmax")."""
+    src = fmk_matrix(w)
+    out, n = w.shape
+    if bits not in (2, 4, 8) or group_size % (32 // bits) or n % group_size:
+        raise ValueError(f"cannot quantize [{out}, {n}] to {bits} bits in groups of {group_size}")
+    groups = n // group_size
+    q = QTensor(torch.empty(out, n * bits // 32, dtype=torch.int32), torch.empty(out, groups, dtype=scale_dtype),
+                torch.empty(out, groups, dtype=scale_dtype), bits, group_size)
+    dst = fmk_matrix(q)
+    rc = _lib().fmk_quantize(ctypes.byref(src), ctypes.byref(dst), threads or default_threads())
+    if rc:
+        raise CpuKernelError("fmk_quantize", rc)
+    return q
 
 
 def expert_forward(x: torch.Tensor, w: ExpertWeights, threads: int | None = None) -> torch.Tensor:

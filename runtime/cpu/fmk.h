@@ -61,6 +61,17 @@ FMK_API int fmk_matmul(const fmk_matrix *w, const float *x, int64_t T, float *y,
 FMK_API int fmk_expert_forward(const fmk_matrix *gate, const fmk_matrix *up, const fmk_matrix *down,
                                const float *x, int64_t T, float *y, int threads);
 
+/* Rows [r0, r1) of a quantized matrix w, dequantized (value = q * scale + bias in float32) into
+ * out [r1 - r0, cols] of out_dtype (FMK_F32 / FMK_F16 / FMK_BF16, rounded to nearest even): the
+ * torch twin quant.dequantize, bit for bit. */
+FMK_API int fmk_dequantize(const fmk_matrix *w, int64_t r0, int64_t r1, void *out, int out_dtype, int threads);
+
+/* Quantizes float rows src (bits 16) into dst (bits 2/4/8, group_size, sdtype and writable
+ * weight / scales / biases set): per group min/max affine, scale = (max - min) / (2^bits - 1)
+ * and bias = min rounded to sdtype, q = clamp(round((w - bias) / scale)). The torch twin is
+ * quant.quantize(method="minmax"), bit for bit. */
+FMK_API int fmk_quantize(const fmk_matrix *src, fmk_matrix *dst, int threads);
+
 /* Reads nbytes at p with `threads` threads (a memory-bandwidth probe for benchmarks);
  * *checksum receives a sum of the 64-bit words so the reads cannot be optimised away. */
 FMK_API int fmk_read_bytes(const void *p, int64_t nbytes, int threads, uint64_t *checksum);
