@@ -58,6 +58,14 @@ def _stream_quantize(repo_id: str, revision: str | None, out: Path, scratch: Pat
     return result
 
 
+def _workers(n: int | None) -> int:
+    from .pack import default_workers
+
+    if n is not None and n < 1:
+        _fail(f"--workers must be at least 1, got {n}", 2)
+    return default_workers() if n is None else n
+
+
 @app.command()
 def download(
     repo_id: str = typer.Argument("Qwen/Qwen3.5-397B-A17B", help="Hugging Face repo id."),
@@ -67,6 +75,8 @@ def download(
     out: Path | None = typer.Option(None, "--out", help="Packed output folder (with --quantize)."),
     bits: int = typer.Option(4, help="Expert bits with --quantize: 2, 4, 8 or 16."),
     group_size: int = typer.Option(64, help="Quantization group size with --quantize."),
+    workers: int | None = typer.Option(None, help="Processes quantizing experts with --quantize (default: one "
+                                                  "per CPU core)."),
 ):
     """Download what packing needs (safetensors, index, configs, tokenizer); resumable."""
     from . import hub
@@ -74,7 +84,8 @@ def download(
     with _user_errors():
         if quantize_:
             target = out or Path(repo_id.split("/")[-1] + f"-{bits}bit")
-            path = _stream_quantize(repo_id, revision, target, dir, bits=bits, group_size=group_size)
+            path = _stream_quantize(repo_id, revision, target, dir, bits=bits, group_size=group_size,
+                                    workers=_workers(workers))
             typer.echo(f"packed model written to {path}")
             return
         path = hub.download(repo_id, revision, dir or Path(repo_id.split("/")[-1]))
@@ -95,12 +106,14 @@ def quantize(
     from_hub: bool = typer.Option(False, "--from-hub", help="SRC is a repo id: stream shards from the hub."),
     revision: str | None = typer.Option(None, help="Revision with --from-hub."),
     scratch: Path | None = typer.Option(None, help="Scratch folder for streamed shards."),
+    workers: int | None = typer.Option(None, help="Processes quantizing expert matrices in parallel (default: one "
+                                                  "per CPU core); the output is the same for any number."),
 ):
     """Quantize the experts and repack into page-aligned per-layer expert files with an index."""
     from .pack import quantize as do_quantize
 
     kw = dict(bits=bits, group_size=group_size, scale_dtype=scale_dtype, resident_dtype=resident_dtype,
-              method=method)
+              method=method, workers=_workers(workers))
     with _user_errors():
         if from_hub:
             path = _stream_quantize(src, revision, out, scratch, **kw)

@@ -77,6 +77,97 @@ def test_interrupted_quantize_resumes(tiny_hub_src, tmp_path, monkeypatch):
         quantize(tiny_hub_src, out, bits=4, group_size=32, progress=False)
 
 
+def _all_bytes(d):
+    """Every file of a packed model, the index without the source path."""
+    files = {str(f.relative_to(d)): f.read_bytes() for f in sorted(d.rglob("*")) if f.is_file()}
+    index = json.loads(files.pop(fmt.INDEX_NAME))
+    index["source"].pop("path")
+    return files, index
+
+
+@pytest.mark.parametrize("bits", [4, 2])
+def test_workers_give_the_same_bytes(tiny_hub_src, tmp_path, bits):
+    """A pool of worker processes (fused [E, 2I, H] experts sliced per expert, two shards) writes
+    exactly what one process writes."""
+    one = quantize(tiny_hub_src, tmp_path / "one", bits=bits, group_size=32, progress=False, workers=1)
+    three = quantize(tiny_hub_src, tmp_path / "three", bits=bits, group_size=32, progress=False, workers=3)
+    assert _all_bytes(one) == _all_bytes(three)
+
+
+def test_workers_progress_and_bound(tiny_hub_src, tmp_path, monkeypatch):
+    """The progress bar counts every matrix once, when it is written; never more than 2 x workers
+    pieces are in flight."""
+    from flashmoe_pack.pack import writer as writer_mod
+
+    counts, live, peak = [], set(), [0]
+    real_submit, real_write = writer_mod.EncodePool.submit, PackWriter.write_piece
+
+    def submit(self, payload, params):
+        fut = real_submit(self, payload, params)
+        live.add(fut)
+        peak[0] = max(peak[0], len(live))
+        return fut
+
+    def write(self, piece):
+        live.difference_update([f for f in live if f.done()])
+        return real_write(self, piece)
+
+    class Bar:
+        def __init__(self, *a, total, initial, **k):
+            counts.append([total, initial])
+
+        def update(self, n):
+            counts[-1][1] += n
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(writer_mod.EncodePool, "submit", submit)
+    monkeypatch.setattr(PackWriter, "write_piece", write)
+    monkeypatch.setattr("flashmoe_pack.pack.tqdm", Bar)
+    quantize(tiny_hub_src, tmp_path / "o", bits=4, group_size=32, workers=2)
+    assert counts == [[4 * 8 * 3, 4 * 8 * 3]]  # layers x experts x projections, all counted once
+    assert 2 <= peak[0] <= 4
+
+
+def test_interrupted_quantize_with_workers_resumes(tiny_hub_src, tmp_path, monkeypatch):
+    """A crash with pieces still in the pool: no index, the finished shard recorded, the pool shut
+    down; the rerun (again with workers) gives the bytes of an uninterrupted single-process run."""
+    clean = quantize(tiny_hub_src, tmp_path / "clean", bits=4, group_size=32, progress=False)
+    out = tmp_path / "crashy"
+    from flashmoe_pack.sources import Checkpoint, ExpertPiece
+
+    ck = Checkpoint(tiny_hub_src)
+    first = sum(isinstance(i, ExpertPiece) for i in ck.iter_shard(ck.shards[0]))
+    real, calls = PackWriter.write_piece, {"n": 0}
+
+    def flaky(self, piece):
+        calls["n"] += 1
+        if calls["n"] == first + 5:
+            raise Crash()
+        return real(self, piece)
+
+    monkeypatch.setattr(PackWriter, "write_piece", flaky)
+    with pytest.raises(Crash):
+        quantize(tiny_hub_src, out, bits=4, group_size=32, progress=False, workers=2)
+    assert not (out / fmt.INDEX_NAME).exists()
+    assert len(json.loads((out / fmt.BUILD_DIR / "state.json").read_text())["shards_done"]) == 1
+    monkeypatch.setattr(PackWriter, "write_piece", real)
+    quantize(tiny_hub_src, out, bits=4, group_size=32, progress=False, workers=2)
+    assert _all_bytes(out) == _all_bytes(clean)
+
+
+def test_workers_option_checked(tiny_src, tmp_path):
+    with pytest.raises(ValueError, match="--workers must be at least 1"):
+        quantize(tiny_src, tmp_path / "o", workers=0)
+    from typer.testing import CliRunner
+
+    from flashmoe_pack.cli import app
+
+    r = CliRunner().invoke(app, ["quantize", str(tiny_src), str(tmp_path / "o"), "--workers", "0"])
+    assert r.exit_code == 2 and "--workers must be at least 1" in r.output
+
+
 @pytest.fixture()
 def damaged(packed4, tmp_path):
     d = tmp_path / "m"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -12,9 +13,9 @@ from ..sources.checkpoint import Checkpoint, ExpertPiece
 from . import format as fmt
 from .format import FormatError
 from .index import PackedIndex, load_index
-from .writer import PackWriter
+from .writer import EncodePool, PackWriter, default_workers
 
-__all__ = ["quantize", "done_shards", "load_index", "PackedIndex", "FormatError", "PackWriter"]
+__all__ = ["quantize", "done_shards", "load_index", "PackedIndex", "FormatError", "PackWriter", "default_workers"]
 
 
 def done_shards(out: str | Path) -> set[str]:
@@ -59,31 +60,38 @@ def _mlx_scale_dtype(ckpt: Checkpoint) -> torch.dtype:
 def quantize(src: str | Path, out: str | Path, bits: int = 4, group_size: int = 64,
              scale_dtype: str = "bfloat16", resident_dtype: str = "auto", method: str = "mse",
              progress: bool = True, source_info: dict | None = None,
-             shards: Iterable[tuple[str, Path]] | None = None, shard_names: list[str] | None = None) -> Path:
+             shards: Iterable[tuple[str, Path]] | None = None, shard_names: list[str] | None = None,
+             workers: int = 1) -> Path:
     """Pack the checkpoint at `src` into `out`; resumes an interrupted run with the same settings.
 
     `shards` (optional) yields (shard name, local path) pairs as they become available, for the
     streaming download mode; by default every shard of `src` is read from disk.
+    `workers` > 1 quantizes expert matrices in that many processes (default_workers(): one per
+    core); the output is byte-identical to workers=1.
     Returns the packed directory. Raises ValueError for unsupported models or bad settings.
     """
+    if workers < 1:
+        raise ValueError(f"--workers must be at least 1, got {workers}")
     ckpt = Checkpoint(src, shard_names)
     _check_supported(ckpt)
     params = resolve_params(ckpt, bits, group_size, scale_dtype, resident_dtype, method)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    writer = PackWriter(ckpt, out, params, source_info)
-    total = writer.num_layers * writer.num_experts * len(fmt.PROJS)
-    done = sum(len(p) for layer in writer.state["parts"].values() for p in layer.values())
-    bar = tqdm(total=total, initial=done, unit="matrix", desc=f"quantize {bits}-bit", disable=not progress)
+    use_pool = workers > 1 and params["method"] not in ("none", "mlx-repack")  # else nothing to quantize
+    with EncodePool(workers) if use_pool else nullcontext() as pool:  # workers start at the first piece
+        writer = PackWriter(ckpt, out, params, source_info, pool)
+        total = writer.num_layers * writer.num_experts * len(fmt.PROJS)
+        done = sum(len(p) for layer in writer.state["parts"].values() for p in layer.values())
+        bar = tqdm(total=total, initial=done, unit="matrix", desc=f"quantize {bits}-bit", disable=not progress)
 
-    def tick(item):
-        if isinstance(item, ExpertPiece):
-            bar.update(1)
+        def tick(item):
+            if isinstance(item, ExpertPiece):
+                bar.update(1)
 
-    pending = shards if shards is not None else ((s, ckpt.path / s) for s in ckpt.shards)
-    for shard, _path in pending:
-        if writer.shard_done(shard):
-            continue
-        writer.process_shard(shard, tick)
-    bar.close()
+        pending = shards if shards is not None else ((s, ckpt.path / s) for s in ckpt.shards)
+        for shard, _path in pending:
+            if writer.shard_done(shard):
+                continue
+            writer.process_shard(shard, tick)
+        bar.close()
     return writer.finalize()

@@ -5,6 +5,10 @@ in place (pwrite) in whatever order the source holds them. Progress lives in
 OUT/.flashmoe-build/state.json, saved after each shard once its bytes are fsync'ed; a rerun skips
 finished shards and redoes a half-done one (rewriting identical bytes). index.json is written last,
 atomically: until then nothing loads as a model.
+
+With an EncodePool, expert matrices are quantized in worker processes while this process reads the
+source and writes results in the order it read them (so the bytes, the state and the progress are
+those of a serial run); a shard's state is saved only once all its pieces are written.
 """
 
 from __future__ import annotations
@@ -12,6 +16,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from multiprocessing import get_context
 from pathlib import Path
 
 import torch
@@ -32,11 +40,85 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+@dataclass
+class Encoded:
+    """An expert piece's payload once encoded: its record components, ready to write."""
+
+    components: dict[str, torch.Tensor]
+
+
+def encode_expert(p: torch.Tensor | QTensor, params: dict) -> dict[str, torch.Tensor]:
+    """The record components (weight, and scales/biases when quantized) of one expert matrix."""
+    bits, group_size = params["bits"], params["group_size"]
+    if bits == 16:
+        w = dequantize(p) if isinstance(p, QTensor) else p
+        return {"weight": w.to(fmt.DTYPES[params["float_dtype"]])}
+    if isinstance(p, QTensor) and (p.bits, p.group_size) != (bits, group_size):
+        p = dequantize(p)  # an MLX source at another width: requantize from its values
+    sd = fmt.DTYPES[params["scale_dtype"]]
+    if not isinstance(p, QTensor):
+        p = quantize(p, bits, group_size, sd, params["method"])
+    return {"weight": p.weight.view(torch.int32), "scales": p.scales.to(sd), "biases": p.biases.to(sd)}
+
+
+def _needs_work(p, params: dict) -> bool:
+    """Whether encoding p means quantizing (worth a worker) rather than copying or casting."""
+    return params["bits"] != 16 and not (isinstance(p, QTensor) and (p.bits, p.group_size) ==
+                                         (params["bits"], params["group_size"]))
+
+
+def _compact(p: torch.Tensor | QTensor) -> torch.Tensor | QTensor:
+    """A copy holding only p's own values: a slice of a stacked [E, ...] source tensor would otherwise
+    be pickled to a worker together with the whole stack."""
+    if isinstance(p, QTensor):
+        return QTensor(p.weight.clone(), p.scales.clone(), p.biases.clone(), p.bits, p.group_size)
+    return p.clone(memory_format=torch.contiguous_format)
+
+
+def _init_worker(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def default_workers() -> int:
+    """The CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+class EncodePool:
+    """Worker processes that quantize expert matrices; each runs torch with `threads` threads, so
+    workers x threads stays within the cores. At most `inflight` pieces (2 per worker: one being
+    quantized, one queued) are held at a time, sources and results together."""
+
+    def __init__(self, workers: int, threads: int | None = None):
+        if workers < 1:
+            raise ValueError(f"--workers must be at least 1, got {workers}")
+        self.workers = workers
+        self.threads = threads or max(1, default_workers() // workers)
+        self.inflight = 2 * workers
+        # spawn, not fork: the streaming path has a download thread running, and torch's thread pool
+        # does not survive a fork
+        self._ex = ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_worker,
+                                       initargs=(self.threads,))
+
+    def submit(self, payload, params: dict):
+        return self._ex.submit(encode_expert, _compact(payload), params)
+
+    def close(self, cancel: bool = False) -> None:
+        self._ex.shutdown(wait=True, cancel_futures=cancel)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *_):
+        self.close(cancel=exc_type is not None)
+
+
 class PackWriter:
     """Packs one checkpoint into `out`; see module docstring for the crash-safety contract."""
 
-    def __init__(self, ckpt: Checkpoint, out: Path, params: dict, source_info: dict | None = None):
-        self.ckpt, self.out, self.params = ckpt, Path(out), params
+    def __init__(self, ckpt: Checkpoint, out: Path, params: dict, source_info: dict | None = None,
+                 pool: EncodePool | None = None):
+        self.ckpt, self.out, self.params, self.pool = ckpt, Path(out), params, pool
         tc = ckpt.text_config
         self.hidden, self.inter = int(tc["hidden_size"]), int(tc["moe_intermediate_size"])
         self.num_layers, self.num_experts = int(tc["num_hidden_layers"]), int(tc["num_experts"])
@@ -85,17 +167,9 @@ class PackWriter:
 
     def _encode(self, piece: ExpertPiece) -> dict[str, torch.Tensor]:
         """The record components of one projection, ready to write."""
-        p = piece.payload
-        if self.bits == 16:
-            w = dequantize(p) if isinstance(p, QTensor) else p
-            return {"weight": w.to(fmt.DTYPES[self.params["float_dtype"]])}
-        if isinstance(p, QTensor) and (p.bits, p.group_size) != (self.bits, self.group_size):
-            p = dequantize(p)  # an MLX source at another width: requantize from its values
-        if not isinstance(p, QTensor):
-            p = quantize(p, self.bits, self.group_size, fmt.DTYPES[self.params["scale_dtype"]],
-                         self.params["method"])
-        sd = fmt.DTYPES[self.params["scale_dtype"]]
-        return {"weight": p.weight.view(torch.int32), "scales": p.scales.to(sd), "biases": p.biases.to(sd)}
+        if isinstance(piece.payload, Encoded):
+            return piece.payload.components
+        return encode_expert(piece.payload, self.params)
 
     def write_piece(self, piece: ExpertPiece) -> None:
         if not (0 <= piece.layer < self.num_layers and 0 <= piece.expert < self.num_experts):
@@ -121,8 +195,22 @@ class PackWriter:
     def process_shard(self, shard: str, on_piece=None) -> None:
         resident: dict[str, torch.Tensor] = {}
         skipped = 0
+        pending: deque = deque()  # (piece, future) quantizing in the pool, oldest first
+
+        def write_done(keep: int) -> None:  # write the oldest results until at most `keep` are pending
+            while len(pending) > keep:
+                piece, fut = pending.popleft()
+                piece.payload = Encoded(fut.result())
+                self.write_piece(piece)
+                if on_piece:
+                    on_piece(piece)
+
         for item in self.ckpt.iter_shard(shard):
             if isinstance(item, ExpertPiece):
+                if self.pool is not None and _needs_work(item.payload, self.params):
+                    pending.append((item, self.pool.submit(item.payload, self.params)))
+                    write_done(self.pool.inflight - 1)
+                    continue
                 self.write_piece(item)
             elif isinstance(item, Resident):
                 resident.update(self._resident_tensors(item.name, item.tensor))
@@ -130,6 +218,7 @@ class PackWriter:
                 skipped += 1
             if on_piece:
                 on_piece(item)
+        write_done(0)
         for fd in self._fds.values():
             os.fsync(fd)
         if resident:
