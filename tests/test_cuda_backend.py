@@ -142,9 +142,10 @@ def test_three_tiers_accounting(packed4):
     slot = fmt.align_up(ix.layout.record_bytes, 256)
     c = GpuExpertCache(ix, 2 * slot, device=DEV, host_budget=3 * fmt.align_up(ix.layout.record_bytes, 4096))
     assert c.capacity == 2 and c.host.cache_bytes == 3 * c.host.read_bytes
-    c.slots(0, [1, 2])  # VRAM miss, host miss, disk x2
+    c.slots(0, [1])  # VRAM miss, host miss, disk (one expert per call: the LRU order within a batch
+    c.slots(0, [2])  # is the order its reads complete in)
     c.slots(0, [3])  # evicts (0, 1) from VRAM; the host tier keeps 1, 2, 3
-    c.slots(0, [1])  # VRAM miss, host hit: no disk read
+    c.slots(0, [1])  # VRAM miss (evicts 2), host hit: no disk read
     c.slots(0, [1])  # VRAM hit
     t = c.tier_stats()
     assert (t["vram"]["hits"], t["vram"]["misses"], t["vram"]["evictions"]) == (1, 4, 2)
