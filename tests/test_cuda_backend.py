@@ -197,3 +197,32 @@ def test_cli_host_cache_default():
 
     assert host_cache(None, "cuda") == "auto" and host_cache(None, "cuda:1") == "auto"
     assert host_cache("3GiB", "cuda") == "3GiB"
+
+
+def test_resident_decode_maps_slots_on_device(packed4):
+    """Every expert in VRAM: decode steps map router ids to slots on the device (no host sync) and
+    give exactly the tokens and logits of the host-mapped path; partially resident: the host path."""
+    m = load(packed4, dtype=torch.float32)
+    ix = m.index
+    assert m.store.resident_map() is None  # nothing loaded yet
+    m.store.preload()
+    smap, table = m.store.resident_map()
+    assert smap.shape == (len(ix.layers), ix.num_experts) and int(smap.min()) >= 0
+    assert table.offs.shape[0] == m.store.n_slots
+    for (layer, e), s in m.store._where.items():
+        assert int(smap[m.store.row(layer), e]) == s
+    state_a, state_b = m.model.new_state(), m.model.new_state()
+    m.model.forward(torch.tensor(PROMPTS[0]), state_a)
+    m.model.forward(torch.tensor(PROMPTS[0]), state_b)
+    for tok in (5, 77, 3):
+        m.experts.device_map = True
+        reads, hits = m.store.stats.reads, m.store.vram.hits
+        a = m.model.forward(torch.tensor([tok]), state_a)
+        assert m.store.stats.reads == reads and m.store.vram.hits > hits
+        m.experts.device_map = False
+        b = m.model.forward(torch.tensor([tok]), state_b)
+        assert torch.equal(a, b)
+    m.close()
+    part = load(packed4, slots=4, dtype=torch.float32)  # cannot hold every expert: never the device map
+    part.logits(PROMPTS[1])
+    assert part.store.resident_map() is None

@@ -7,6 +7,9 @@ side stream), and one
 launch pair computes every routed expert of every token (triton_kernels: GEMV kernels for
 decode, grouped GEMM for prefill). When a layer needs more distinct experts than the cache has
 slots, it runs in chunks of at most that many, each chunk's other assignments weighted 0.
+When every expert of the model is in VRAM (a preloaded, fully resident model), a decode step maps
+the router's ids to slots on the device through the cache's slot map and launches the decode
+kernels over a table of every slot: no host sync at all in the expert path.
 Unquantized (bits 16) packs, and quantized shapes the kernels do not handle, run `TorchKernel`
 per expert on the slot views, like engine.moe.StreamedExperts.
 
@@ -17,6 +20,7 @@ Everything here also runs on CPU tensors with TRITON_INTERPRET=1, which is how C
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 
@@ -64,12 +68,22 @@ class CudaExperts:
             )
             self.quantized = tk.supported(probe)
         self.fallback = TorchKernel()
+        # decode steps with every expert resident skip the host sync (FLASHMOE_CUDA_DEVICE_MAP=0: off, for A/B)
+        self.device_map = os.environ.get("FLASHMOE_CUDA_DEVICE_MAP", "1") != "0"
 
     def _section(self, name: str, layer: int):
         return self.profiler.section(name, layer) if self.profiler is not None else contextlib.nullcontext()
 
     def forward(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [T, H], ids [T, K], weights [T, K] -> weighted sum of the chosen experts' outputs [T, H]."""
+        if self.device_map and self.quantized and x.shape[0] <= tk.DECODE_MAX_T:
+            res = self.cache.resident_map()
+            if res is not None:  # every expert in VRAM: router ids -> slots on the device, no host sync
+                smap, table = res
+                with self._section("expert_compute", layer):
+                    aexp = smap[self.cache.row(layer)][ids.reshape(-1)]
+                    self.cache.vram.hits += ids.numel()  # counted per assignment on this path
+                    return tk.moe_decode(x.contiguous(), table, aexp, weights.float().reshape(-1), ids.shape[1])
         rows = ids.tolist()  # the one host sync per layer  [T][K]
         uniq = sorted({e for r in rows for e in r})
         cap = self.cache.capacity

@@ -259,6 +259,9 @@ class GpuExpertCache:
         self.n_slots = 0
         self._where: dict[tuple[int, int], int] = {}  # (layer, expert) -> slot
         self._free_slots: list[int] = []
+        self._rows = {e["layer"]: i for i, e in enumerate(index.layers)}  # layer -> row of the slot map
+        self._total = len(index.layers) * index.num_experts
+        self._resident = None  # (slot map, table over every slot) once every expert is in VRAM
         cuda = self.device.type == "cuda"
         self.side = torch.cuda.Stream(self.device) if cuda else None
         self._staging = [torch.empty(self.record_bytes, dtype=torch.uint8, pin_memory=cuda) for _ in range(staging)]
@@ -340,6 +343,7 @@ class GpuExpertCache:
             self.side.synchronize()
         self.host.close()
         self._where.clear()
+        self._resident = None
         self.pool = None
 
     # -- lookups ----------------------------------------------------------------------------------
@@ -366,6 +370,22 @@ class GpuExpertCache:
             self._fetch(layer, missing, batch)
         return [self._where[(layer, e)] for e in experts]
 
+    def resident_map(self):
+        """(slot_map int32 [layers, experts] on the device, ExpertTable over every slot) when every
+        expert of the model is in VRAM, else None. Nothing is evicted then, so a decode step can map
+        router ids to slots on the device (`slot_map[row(layer)][ids]`) with no host sync."""
+        if len(self._where) != self._total or self.pool is None:
+            return None
+        if self._resident is None:
+            smap = torch.full((len(self._rows), self.index.num_experts), -1, dtype=torch.int32)
+            for (layer, e), s in self._where.items():
+                smap[self._rows[layer], e] = s
+            self._resident = (smap.to(self.device), self.table(list(range(self.n_slots))))
+        return self._resident
+
+    def row(self, layer: int) -> int:
+        return self._rows[layer]
+
     def _take_slot(self, protected: set) -> int:
         if self._free_slots:
             return self._free_slots.pop()
@@ -389,6 +409,7 @@ class GpuExpertCache:
         except BaseException:
             self._free_slots += [slots[e] for e in experts]  # nothing of a failed batch is cached
             raise
+        self._resident = None
         for e in done:
             self._where[(layer, e)] = slots[e]
             self.policy.touch((layer, e))
