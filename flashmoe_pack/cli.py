@@ -216,6 +216,8 @@ def run(
     device: str = typer.Option("cpu", help="cpu | cuda | mps."),
     timing: bool = typer.Option(False, help="Print a per-layer time breakdown and totals."),
     verify_reads: bool = typer.Option(True, help="Check every expert record read against its xxhash64."),
+    resident: str = typer.Option("auto", help="Non-expert matrices: auto (q8 on the CPU with the C kernels, "
+                                              "else bf16) | bf16 | stored (as packed) | q8 | q4-head."),
 ):
     """Generate text, streaming experts from disk."""
     from . import load
@@ -227,7 +229,8 @@ def run(
             _fail("--tokens must be at least 1", 2)
         sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
         m = load(model, device=device, expert_cache=host_cache(expert_cache, device), io=io, threads=threads,
-                 experts_per_token=experts_per_token, gpu_expert_cache=gpu_expert_cache, verify_reads=verify_reads)
+                 experts_per_token=experts_per_token, gpu_expert_cache=gpu_expert_cache, verify_reads=verify_reads,
+                 resident=resident)
         prof = Profiler(sync=_sync_fn(device)) if timing else None
         for text in m.generate(prompt, chat=chat, max_tokens=tokens, sampling=sampling, profiler=prof):
             sys.stdout.write(text)

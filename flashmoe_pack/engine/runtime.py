@@ -75,7 +75,7 @@ class Model:
 
     def __init__(self, index: PackedIndex, device: str, expert_cache: int | str, io: str, threads: int,
                  experts_per_token: int | None, dtype: torch.dtype | None, verify_reads: bool,
-                 gpu_expert_cache: int | str = "auto"):
+                 gpu_expert_cache: int | str = "auto", resident: str = "auto"):
         self.index, self.path = index, index.path
         self.device = torch.device(device)
         if self.device.type == "cuda":  # VRAM expert cache + Triton kernels (backends/cuda.py)
@@ -98,8 +98,8 @@ class Model:
         self.kernel = get_kernel(self.device)
         if self.device.type != "cuda":
             self.experts = StreamedExperts(self.store, self.kernel)
-        weights = load_resident(index, self.device, dtype, verify=verify_reads)
-        self.model = cls(self.config, weights, self.experts)
+        weights = load_resident(index, self.device, dtype, verify=verify_reads, resident=resident)
+        self.model = cls(self.config, weights, self.experts, dtype=dtype)
         self.tokenizer = Tokenizer.from_dir(self.path) if (self.path / "tokenizer.json").is_file() else None
         self.last_stats: GenerationStats | None = None
 
@@ -180,7 +180,7 @@ class Model:
 def load(path: str | Path | None = None, device: str = "cpu", expert_cache: int | str = "auto",
          io: str = "auto", threads: int = 8, experts_per_token: int | None = None,
          dtype: torch.dtype | str | None = None, verify_reads: bool = True,
-         gpu_expert_cache: int | str = "auto") -> Model:
+         gpu_expert_cache: int | str = "auto", resident: str = "auto") -> Model:
     """Load a packed model directory (None: the built-in tiny default model).
 
     expert_cache: byte budget of the runtime's own expert cache ("2GiB", 0 to rely on the OS, "auto":
@@ -192,6 +192,7 @@ def load(path: str | Path | None = None, device: str = "cpu", expert_cache: int 
     gpu_expert_cache: device "cuda": byte budget of the VRAM expert cache ("auto": free device memory
     after the resident weights less a reserve). On cuda, expert_cache is the host-RAM tier below it
     ("auto": available memory, within a memory cgroup's limit, less a reserve; see engine/gpu_cache.py).
+    resident: how non-expert matrices are kept: "auto", "bf16", "stored", "q8", "q4-head" (engine/resident.py).
     """
     if path is None:
         from ..default_model import default_model_dir
@@ -205,4 +206,4 @@ def load(path: str | Path | None = None, device: str = "cpu", expert_cache: int 
     if isinstance(dtype, str):
         dtype = fmt.DTYPES[dtype]
     return Model(load_index(path), device, expert_cache, io, threads, experts_per_token, dtype, verify_reads,
-                 gpu_expert_cache)
+                 gpu_expert_cache, resident)

@@ -8,9 +8,79 @@ that fp32 runs agree with transformers to rounding and bf16 runs round the same 
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from ..quant import QTensor, dequantize
+
+# ---------------------------------------------------------------------------------------- linear
+
+# From this many rows of x on, a quantized product on the CPU dequantizes the weight in row chunks
+# (C, 0.2 ns per weight) and multiplies in torch; below, the C kernels multiply straight from the
+# packed words. Measured on the 2-core AVX-512 box, one thread, q8 32768x4096 (ms, torch bf16 /
+# C q8 / dequantize + torch): T=16 19.8 / 30.0 / 43.7, T=32 29.0 / 50.2 / 53.3, T=64 45.3 / 99.8 / 71.5.
+DEQUANT_FROM_T = 40
+_CHUNK_ELEMENTS = 1 << 23  # weights dequantized per chunk (16 MiB in bf16)
+
+
+def _c_kernels():
+    """backends.cpu when its C kernels can run resident products, else None (FLASHMOE_CPU_KERNEL=torch
+    turns them off here as for the experts)."""
+    if os.environ.get("FLASHMOE_CPU_KERNEL", "").lower() == "torch":
+        return None
+    from ..backends import cpu
+
+    return cpu if cpu.available() else None
+
+
+def linear(x: Tensor, w: Tensor | QTensor, bias: Tensor | None = None, out_dtype: torch.dtype | None = None) -> Tensor:
+    """x [..., in] @ w^T (+ bias) -> [..., out] in out_dtype (default x's dtype); every weight matrix
+    of the model goes through here.
+
+    A float w runs as torch's F.linear (on the CPU faster than the C float path at every T measured:
+    bf16 32768x4096, one thread, T=1 15.0 ms vs 23.9). A QTensor on the CPU runs in the C kernels
+    (float32 arithmetic on the exact dequantized values; threads as the expert kernels:
+    FLASHMOE_THREADS, else torch's); elsewhere, or without the C kernels, through its twin:
+    dequantize to x's dtype, then F.linear."""
+    if not isinstance(w, QTensor):
+        y = F.linear(x.to(w.dtype), w, None if bias is None else bias.to(w.dtype))  # (the model's are in w's dtype)
+        return y.to(out_dtype or x.dtype)
+    out_dtype = out_dtype or x.dtype
+    rows, cols = w.shape
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, cols)  # [T, in]
+    cpu = _c_kernels() if x.device.type == "cpu" and w.weight.device.type == "cpu" else None
+    if cpu is None:
+        y = F.linear(x2, dequantize(w, x.dtype))
+    elif x2.shape[0] < DEQUANT_FROM_T:
+        y = cpu.matmul(x2.to(torch.float32).contiguous(), w)  # [T, out] float32
+    else:  # prefill: dequantize a chunk of rows at a time, multiply in torch in x's dtype
+        y = torch.empty(x2.shape[0], rows, dtype=x.dtype)
+        step = max(1, _CHUNK_ELEMENTS // cols)
+        buf = torch.empty(min(step, rows), cols, dtype=x.dtype)
+        for r in range(0, rows, step):
+            n = min(step, rows - r)
+            chunk = cpu.dequantize_rows(w, r, r + n, x.dtype, out=buf[:n])
+            torch.matmul(x2, chunk.T, out=y[:, r: r + n])
+    if bias is not None:
+        y = y + bias
+    return y.to(out_dtype).reshape(*lead, rows)
+
+
+def embedding(ids: Tensor, w: Tensor | QTensor, dtype: torch.dtype) -> Tensor:
+    """Rows ids [T] of the embedding matrix, [T, H] in dtype: a lookup; a quantized matrix has only
+    the T rows it returns dequantized."""
+    if not isinstance(w, QTensor):
+        return F.embedding(ids, w).to(dtype)
+    ids = ids.to(w.weight.device)
+    rows = QTensor(w.weight[ids], w.scales[ids], w.biases[ids], w.bits, w.group_size)
+    cpu = _c_kernels() if w.weight.device.type == "cpu" and dtype in (torch.float32, torch.float16,
+                                                                        torch.bfloat16) else None
+    return cpu.dequantize_rows(rows, dtype=dtype) if cpu is not None else dequantize(rows, dtype)
+
 
 # ---------------------------------------------------------------------------------------- norms
 
@@ -212,5 +282,5 @@ def attention(q: Tensor, k: Tensor, v: Tensor, past: int) -> Tensor:
 
 
 def swiglu(x: Tensor, gate: Tensor, up: Tensor, down: Tensor) -> Tensor:
-    """down(silu(gate x) * up x): x [T, H], gate/up [I, H], down [H, I] -> [T, H]."""
-    return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+    """down(silu(gate x) * up x): x [T, H], gate/up [I, H], down [H, I] -> [T, H] (float or QTensor weights)."""
+    return linear(F.silu(linear(x, gate)) * linear(x, up), down)

@@ -24,13 +24,16 @@ from flashmoe_pack.models.layers import (
     apply_partial_rope,
     attention,
     causal_conv1d,
+    embedding,
     gated_delta_rule,
     gated_rms_norm,
+    linear,
     rms_norm,
     rope_cos_sin,
     rope_inv_freq,
     swiglu,
 )
+from flashmoe_pack.quant import QTensor
 
 
 @dataclass
@@ -180,16 +183,21 @@ _MLP = [f"shared_expert.{p}_proj" for p in ("gate", "up", "down")] + ["gate", "s
 class Qwen35MoeModel:
     """Qwen3.5-MoE text model over resident weights with HF names; routed experts via `experts`.
 
-    Computes in the dtype and on the device of the resident weights ("model.embed_tokens.weight").
+    Weight matrices are float tensors or QTensors (layers.linear runs either). Computes in `dtype`
+    (default: the embedding's dtype, bf16 for a quantized embedding) on the embedding's device.
     """
 
     config_class = Qwen35MoeConfig
 
-    def __init__(self, config: Qwen35MoeConfig, weights: Mapping[str, Tensor], experts):
+    def __init__(self, config: Qwen35MoeConfig, weights: Mapping[str, Tensor | QTensor], experts,
+                 dtype: torch.dtype | None = None):
         self.config, self.experts = config, experts
         c = config
         self.embed = _get(weights, "model.embed_tokens.weight")  # [V, H]
-        self.dtype, self.device = self.embed.dtype, self.embed.device
+        if isinstance(self.embed, QTensor):
+            self.dtype, self.device = dtype or torch.bfloat16, self.embed.weight.device
+        else:
+            self.dtype, self.device = dtype or self.embed.dtype, self.embed.device
         if "lm_head.weight" in weights or not c.tie_word_embeddings:
             self.lm_head = _get(weights, "lm_head.weight")
         else:
@@ -233,7 +241,7 @@ class Qwen35MoeModel:
         section = profiler.section if profiler is not None else _no_section
         ids = ids.to(self.device)
         with section("other", -1):
-            x = F.embedding(ids, self.embed)  # [T, H]
+            x = embedding(ids, self.embed, self.dtype)  # [T, H]
             positions = torch.arange(state.pos, state.pos + ids.shape[0], device=self.device)
             cos, sin = rope_cos_sin(positions, self.inv_freq, self.dtype)  # [T, rotary_dim]
         for i, (kind, w) in enumerate(zip(c.layer_types, self.layers)):
@@ -249,7 +257,7 @@ class Qwen35MoeModel:
                 x = x + h
                 h = rms_norm(x, w["post_attention_layernorm.weight"], c.rms_norm_eps)  # [T, H]
             with section("routing", i):
-                router_logits = F.linear(h, w["mlp.gate.weight"])  # [T, E]
+                router_logits = linear(h, w["mlp.gate.weight"])  # [T, E]
                 probs = torch.softmax(router_logits.float(), dim=-1)
                 top_p, top_ids = probs.topk(c.num_experts_per_tok, dim=-1)  # [T, K]
                 top_p = (top_p / top_p.sum(-1, keepdim=True)).to(router_logits.dtype)
@@ -257,24 +265,24 @@ class Qwen35MoeModel:
                 routed = self.experts.forward(i, h, top_ids, top_p)  # [T, H]
             with section("other", i):
                 shared = swiglu(h, *(w[f"mlp.shared_expert.{p}_proj.weight"] for p in ("gate", "up", "down")))
-                shared = torch.sigmoid(F.linear(h, w["mlp.shared_expert_gate.weight"])) * shared
+                shared = torch.sigmoid(linear(h, w["mlp.shared_expert_gate.weight"])) * shared
                 x = x + (routed + shared)
         state.pos += ids.shape[0]
         with section("other", -1):
             if last_only:  # generation needs one row: skip T-1 rows of the [T, vocab] head
                 x = x[-1:]
             x = rms_norm(x, self.final_norm, c.rms_norm_eps)
-            return F.linear(x, self.lm_head).float()  # [T, V] (or [1, V])
+            return linear(x, self.lm_head, out_dtype=torch.float32)  # [T, V] (or [1, V])
 
     def _linear_attn(self, i: int, w: dict[str, Tensor], x: Tensor, state: Qwen35MoeState) -> Tensor:
         """Gated DeltaNet: short causal conv over q/k/v, then the gated delta rule, gated norm, out proj."""
         c, t = self.config, x.shape[0]
         hk, hv = c.linear_num_key_heads, c.linear_num_value_heads
         dk, dv = c.linear_key_head_dim, c.linear_value_head_dim
-        qkv = F.linear(x, w["linear_attn.in_proj_qkv.weight"])  # [T, 2*hk*dk + hv*dv]
-        z = F.linear(x, w["linear_attn.in_proj_z.weight"]).view(t, hv, dv)  # output gate
-        b = F.linear(x, w["linear_attn.in_proj_b.weight"])  # [T, hv]
-        a = F.linear(x, w["linear_attn.in_proj_a.weight"])  # [T, hv]
+        qkv = linear(x, w["linear_attn.in_proj_qkv.weight"])  # [T, 2*hk*dk + hv*dv]
+        z = linear(x, w["linear_attn.in_proj_z.weight"]).view(t, hv, dv)  # output gate
+        b = linear(x, w["linear_attn.in_proj_b.weight"])  # [T, hv]
+        a = linear(x, w["linear_attn.in_proj_a.weight"])  # [T, hv]
         qkv, state.conv[i] = causal_conv1d(qkv, w["linear_attn.conv1d.weight"].squeeze(1), state.conv[i])
         qkv = F.silu(qkv)
         q, k, v = qkv.split([hk * dk, hk * dk, hv * dv], dim=-1)
@@ -285,7 +293,7 @@ class Qwen35MoeModel:
             q.view(t, hk, dk), k.view(t, hk, dk), v.view(t, hv, dv), g, beta, state.recurrent[i]
         )  # [T, hv, dv] fp32
         core = gated_rms_norm(core.to(x.dtype), z, w["linear_attn.norm.weight"], c.rms_norm_eps)
-        return F.linear(core.reshape(t, hv * dv), w["linear_attn.out_proj.weight"])  # [T, H]
+        return linear(core.reshape(t, hv * dv), w["linear_attn.out_proj.weight"])  # [T, H]
 
     def _full_attn(self, i: int, w: dict[str, Tensor], x: Tensor, cos: Tensor, sin: Tensor,
                    state: Qwen35MoeState) -> Tensor:
@@ -294,7 +302,7 @@ class Qwen35MoeModel:
         hq, hkv = c.num_attention_heads, c.num_key_value_heads
 
         def proj(name: str, inp: Tensor) -> Tensor:
-            return F.linear(inp, w[f"self_attn.{name}.weight"], w.get(f"self_attn.{name}.bias"))
+            return linear(inp, w[f"self_attn.{name}.weight"], w.get(f"self_attn.{name}.bias"))
 
         # q_proj packs per head [query D | gate D]: [T, hq, D] each
         q, gate = proj("q_proj", x).view(t, hq, 2 * d).chunk(2, dim=-1)
