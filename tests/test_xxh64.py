@@ -228,5 +228,25 @@ def test_estimate_resident_bytes(small):
 
     ix = load_index(small)
     for dtype in (None, torch.float32):
-        got = sum(t.numel() * t.element_size() for t in load_resident(ix, torch.device("cpu"), dtype).values())
+        got = st.resident_nbytes(load_resident(ix, torch.device("cpu"), dtype, resident="stored"))
         assert st.estimate_resident_bytes(ix, dtype) == got
+
+
+def test_auto_budget_counts_resident_weights_as_loaded(small, monkeypatch):
+    """load() sizes an "auto" cache from the resident weights in the form they were loaded in (q8 on
+    the CPU by default), with memory figures taken before they were loaded."""
+    import torch
+
+    import flashmoe_pack
+    from flashmoe_pack.engine.resident import load_resident
+
+    fake = st.MemoryInfo(total=3 * GiB, available=2 * GiB + (40 << 20), source="test")
+    monkeypatch.setattr(st, "memory_info", lambda: fake)
+    monkeypatch.setattr(st.sys, "platform", "linux")
+    m = flashmoe_pack.load(small, expert_cache="auto", io="direct", threads=1)
+    loaded = st.resident_nbytes(load_resident(load_index(small), torch.device("cpu"), None))
+    assert m.store.resident_bytes == loaded
+    all_experts = len(load_index(small).layers) * 8 * m.store.read_bytes
+    assert m.store.cache_bytes == min(all_experts, max(0, fake.available - loaded - 2 * GiB))
+    assert f"resident {st._size(loaded)}" in m.store.describe()
+    m.close()

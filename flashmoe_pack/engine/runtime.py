@@ -23,7 +23,7 @@ from .moe import StreamedExperts
 from .profiler import Profiler
 from .resident import load_resident
 from .sampler import SamplingParams, sample
-from .store import ExpertStore, StoreStats, estimate_resident_bytes
+from .store import ExpertStore, StoreStats, estimate_resident_bytes, resident_nbytes
 
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "KIB": 1 << 10, "M": 1 << 20, "MB": 1 << 20,
           "MIB": 1 << 20, "G": 1 << 30, "GB": 1 << 30, "GIB": 1 << 30, "T": 1 << 40, "TB": 1 << 40, "TIB": 1 << 40}
@@ -99,6 +99,8 @@ class Model:
         if self.device.type != "cuda":
             self.experts = StreamedExperts(self.store, self.kernel)
         weights = load_resident(index, self.device, dtype, verify=verify_reads, resident=resident)
+        if isinstance(self.store, ExpertStore):  # an "auto" cache budget counts the weights as loaded
+            self.store.set_resident_bytes(resident_nbytes(weights))
         self.model = cls(self.config, weights, self.experts, dtype=dtype)
         self.tokenizer = Tokenizer.from_dir(self.path) if (self.path / "tokenizer.json").is_file() else None
         self.last_stats: GenerationStats | None = None

@@ -292,6 +292,15 @@ def estimate_resident_bytes(index: PackedIndex, dtype: torch.dtype | None = None
     return total
 
 
+def resident_nbytes(weights: dict) -> int:
+    """Bytes held by loaded resident weights (tensors, and quantized ones with their scales and biases)."""
+    total = 0
+    for t in weights.values():
+        parts = [t] if isinstance(t, torch.Tensor) else [getattr(t, k, None) for k in ("weight", "scales", "biases")]
+        total += sum(x.numel() * x.element_size() for x in parts if isinstance(x, torch.Tensor))
+    return total
+
+
 def auto_cache_budget(resident_bytes: int, all_experts_bytes: int, io_mode: str,
                       mem: MemoryInfo | None = None) -> tuple[int, str]:
     """The "auto" byte budget of the expert cache and how it was derived (one line, for reports):
@@ -369,9 +378,12 @@ class ExpertStore:
         if self.io_mode == "direct" and paths and not self.direct:
             self.io_mode, self.io_note = "os", f"io={io}: O_DIRECT refused at open; reading through the page cache"
             log.warning(self.io_note)
+        self.resident_bytes = resident_bytes
+        self._auto: tuple[MemoryInfo, int] | None = None  # (memory before the resident load, all experts' bytes)
         if cache_bytes == "auto":
-            all_experts = len(paths) * index.num_experts * self.read_bytes
-            self.cache_bytes, self.cache_note = auto_cache_budget(resident_bytes, all_experts, self.io_mode)
+            self._auto = (memory_info(), len(paths) * index.num_experts * self.read_bytes)
+            self.cache_bytes, self.cache_note = auto_cache_budget(resident_bytes, self._auto[1], self.io_mode,
+                                                                  self._auto[0])
         elif isinstance(cache_bytes, str):
             raise ValueError(f"cache_bytes must be a byte count or 'auto', got {cache_bytes!r}")
         else:
@@ -379,6 +391,14 @@ class ExpertStore:
                 raise ValueError(f"cache_bytes must be >= 0, got {cache_bytes}")
             self.cache_bytes, self.cache_note = int(cache_bytes), "set"
         self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="fmp-io")
+
+    def set_resident_bytes(self, resident_bytes: int) -> None:
+        """The resident weights as loaded (their form is chosen at load, e.g. q8 from bf16): an "auto"
+        budget is derived again from the memory figures taken before they were loaded."""
+        self.resident_bytes = resident_bytes
+        if self._auto is not None:
+            self.cache_bytes, self.cache_note = auto_cache_budget(resident_bytes, self._auto[1], self.io_mode,
+                                                                  self._auto[0])
 
     def describe(self) -> str:
         """One line: I/O mode, cache budget and how it was chosen, record checks (`run --timing`)."""
