@@ -119,7 +119,14 @@ def load_resident(index: PackedIndex, device: torch.device, dtype: torch.dtype |
             if verify and tensor_xxh64(t) != tensors[name]["xxh64"]:
                 raise fmt.FormatError(f"{path}: resident tensor {name}: checksum mismatch")
             bits = None if "quant" in tensors[name] else _target_bits(name, t, mode, head)
-            out[name] = _quantize(t, bits) if bits else t  # quantized now: the float copy is freed at once
+            if bits:  # quantized now, so the float tensor is dropped at once
+                t = _quantize(t, bits)
+            elif mode in ("q8", "q4-head"):
+                # safetensors hands out views of a private mapping of the file: a kept view would keep
+                # the whole mapping, with the pages of the quantized tensors read above, in memory
+                # (measured on the 397B geometry: 8.1 GB RSS after load instead of 6.1 GB)
+                t = t.clone()
+            out[name] = t
     for name, meta in tensors.items():
         if "quant" not in meta:
             continue
