@@ -236,7 +236,8 @@ class FlashRunner:
         return {"ttft_s": s.ttft_s, "decode_s": s.decode_s, "tokens": out, "hit_rate": h / max(h + m, 1),
                 "requested_bytes": st.bytes_read - st0.bytes_read,
                 "verify_s": st.verify_seconds - st0.verify_seconds,
-                "io_wait_s": st.wait_seconds - st0.wait_seconds}
+                "io_wait_s": st.wait_seconds - st0.wait_seconds, "cache_bytes": self.m.store.cache_bytes,
+                "io_mode": getattr(self.m.store, "io_mode", None)}
 
 
 def child(spec: dict) -> None:
@@ -373,7 +374,8 @@ def main(argv=None) -> None:
     bws = [disk_bandwidth(files, ix.layout.record_bytes)]
     base = {"model": a.model, "gguf": a.gguf, "threads": a.threads, "prompt": a.prompt, "decode": a.decode,
             "vocab": c["vocab_size"], "kernel": a.kernel}
-    engines = {"flashmoe-direct": {"engine": "flashmoe", "io": "direct", "cache": cache},
+    engines = {"flashmoe": {"engine": "flashmoe", "io": "auto", "cache": "auto"},  # the library's defaults
+               "flashmoe-direct": {"engine": "flashmoe", "io": "direct", "cache": cache},
                "flashmoe-os": {"engine": "flashmoe", "io": "os", "cache": 0},
                "flashmoe-direct-serial": {"engine": "flashmoe", "io": "direct", "cache": cache,
                                           "overlap": False},
@@ -398,6 +400,8 @@ def main(argv=None) -> None:
                     results += rows
                     done = ", ".join(f"{r['phase']} {(len(r['tokens']) - 1) / r['decode_s']:.2f} tok/s "
                                      f"ttft {r['ttft_s']:.1f} s" for r in rows if r["phase"] != "failed")
+                    if rows and rows[0].get("cache_bytes") is not None:
+                        done += f" (io {rows[0].get('io_mode')}, cache {rows[0]['cache_bytes'] / GiB:.2f} GiB)"
                     print(f"run {run} K={k} {label}: {time.perf_counter() - t0:.0f} s, {done}",
                           file=sys.stderr, flush=True)
         drop_caches()
