@@ -24,6 +24,9 @@ from ..quant import QTensor, dequantize
 # C q8 / dequantize + torch): T=16 19.8 / 30.0 / 43.7, T=32 29.0 / 50.2 / 53.3, T=64 45.3 / 99.8 / 71.5.
 DEQUANT_FROM_T = 40
 _CHUNK_ELEMENTS = 1 << 23  # weights dequantized per chunk (16 MiB in bf16)
+# Smaller decode products run on the calling thread alone: waking the pool costs more than it saves
+# (a router's 512 x 4096, linear attention's 64 x 4096 gates).
+_ONE_THREAD_BELOW = 1 << 22
 
 
 def _c_kernels():
@@ -56,7 +59,8 @@ def linear(x: Tensor, w: Tensor | QTensor, bias: Tensor | None = None, out_dtype
     if cpu is None:
         y = F.linear(x2, dequantize(w, x.dtype))
     elif x2.shape[0] < DEQUANT_FROM_T:
-        y = cpu.matmul(x2.to(torch.float32).contiguous(), w)  # [T, out] float32
+        threads = 1 if rows * cols * x2.shape[0] < _ONE_THREAD_BELOW else None
+        y = cpu.matmul(x2.to(torch.float32).contiguous(), w, threads)  # [T, out] float32
     else:  # prefill: dequantize a chunk of rows at a time, multiply in torch in x's dtype
         y = torch.empty(x2.shape[0], rows, dtype=x.dtype)
         step = max(1, _CHUNK_ELEMENTS // cols)
