@@ -3,9 +3,7 @@ and the flashmoe engine run itself on CPU tensors (Triton interpreter)."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -14,15 +12,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"_fmp_script_{name}", SCRIPTS / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
+from scriptload import load_script  # noqa: E402  (tests/ is on sys.path under pytest)
 
 bc = load_script("bench_cuda")
 ms = load_script("make_synthetic")

@@ -5,29 +5,19 @@ scripts/check_llama_cpp.py (it needs llama-cpp-python, which CI does not build).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from scriptload import load_script  # noqa: E402  (tests/ is on sys.path under pytest)
 
 import flashmoe_pack
 from flashmoe_pack.pack import load_index
 from flashmoe_pack.pack.reader import decode_record, read_record
 from flashmoe_pack.quant import dequantize
 from flashmoe_pack.verify import verify_structure
-
-SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"_fmp_script_{name}", SCRIPTS / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
 
 ms = load_script("make_synthetic")
 
