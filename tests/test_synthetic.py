@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from scriptload import load_script  # noqa: E402  (tests/ is on sys.path under pytest)
+from scriptload import load_script  # tests/ is on sys.path under pytest
 
 import flashmoe_pack
 from flashmoe_pack.pack import load_index
