@@ -112,3 +112,11 @@ def test_streaming_download_quantize(fake_hub, tiny_hub_src, tmp_path):  # noqa:
     for ea, eb in zip(a.layers, b.layers):
         assert ea["xxh64"] == eb["xxh64"]
     assert a.raw["resident"]["tensors"] == b.raw["resident"]["tensors"]
+
+
+@pytest.mark.parametrize("command", ["run", "chat", "serve"])
+def test_resident_option_reaches_load(command, packed4):
+    """run, chat and serve all take --resident and pass it to load(): a bad value fails there, naming it."""
+    r = invoke(command, packed4, "--resident", "q3")
+    assert r.exit_code != 0
+    assert "resident='q3'" in r.output and "q4-head" in r.output

@@ -243,6 +243,8 @@ def chat(
                                                  "(default 'auto': what memory leaves; on cuda the host tier)."),
     gpu_expert_cache: str = typer.Option("auto", help="cuda: byte budget of the VRAM expert tier."),
     device: str = typer.Option("cpu", help="cpu | cuda | mps."),
+    resident: str = typer.Option("auto", help="Non-expert matrices: auto (q8 on the CPU with the C kernels, "
+                                              "else bf16) | bf16 | stored (as packed) | q8 | q4-head."),
 ):
     """Chat with a model in the terminal (streaming, history, tools)."""
     from ..cli import _fail, _user_errors, host_cache
@@ -254,7 +256,7 @@ def chat(
         from ..server.app import _generation_defaults
 
         m = load(model, device=device, expert_cache=host_cache(expert_cache, device),
-                 experts_per_token=experts_per_token, gpu_expert_cache=gpu_expert_cache)
+                 experts_per_token=experts_per_token, gpu_expert_cache=gpu_expert_cache, resident=resident)
         if m.tokenizer is None or m.tokenizer.chat_template is None:
             _fail(f"{m.path}: chat needs the model's tokenizer and chat template")
         d = _generation_defaults(m.path)  # the model's generation_config, where an option is not given

@@ -38,6 +38,8 @@ def serve(
     io: str = typer.Option("auto", help="auto (direct where O_DIRECT works, Linux) | os (page cache) | direct."),
     threads: int = typer.Option(8, help="Parallel expert reads."),
     device: str = typer.Option("cpu", help="cpu | cuda | mps."),
+    resident: str = typer.Option("auto", help="Non-expert matrices: auto (q8 on the CPU with the C kernels, "
+                                              "else bf16) | bf16 | stored (as packed) | q8 | q4-head."),
     compute_threads: int | None = typer.Option(
         None,
         help="torch CPU threads (default: torch's choice; 1 is faster for small models on a busy machine).",
@@ -69,6 +71,7 @@ def serve(
             io=io,
             threads=threads,
             experts_per_token=experts_per_token,
+            resident=resident,
         )
         if m.tokenizer is None:
             _fail(f"{m.path}: no tokenizer.json: the server needs the model's tokenizer")
