@@ -137,6 +137,45 @@ def test_chunked_delta_rule_equals_recurrent():
     torch.testing.assert_close(s_chk, s_rec, rtol=1e-4, atol=1e-4)
 
 
+
+def test_recurrent_delta_rule_matches_the_formula_and_leaves_the_callers_state():
+    """The batched recurrent step against the per-head formula, written out; the state passed in is
+    not written (session snapshots keep references to it)."""
+    g = torch.Generator().manual_seed(1)
+    hv, t, dk, dv = 5, 3, 7, 6
+    q, k = (layers.l2_normalize(torch.randn(hv, t, dk, generator=g)) for _ in range(2))
+    v = torch.randn(hv, t, dv, generator=g)
+    decay, beta = -torch.rand(hv, t, generator=g), torch.rand(hv, t, generator=g)
+    s0 = torch.randn(hv, dk, dv, generator=g)
+    kept = s0.clone()
+    out, state = layers.delta_rule_recurrent(q, k, v, decay, beta, s0)
+    assert torch.equal(s0, kept)
+    ref = s0.double().clone()
+    for i in range(t):
+        for h in range(hv):
+            ref[h] *= decay[h, i].double().exp()
+            kk, qq = k[h, i].double(), q[h, i].double()
+            ref[h] += torch.outer(kk, (v[h, i].double() - ref[h].T @ kk) * beta[h, i].double())
+            torch.testing.assert_close(out[h, i].double(), ref[h].T @ qq, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(state.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_causal_conv1d_one_token_at_a_time_equals_all_at_once(dtype):
+    g = torch.Generator().manual_seed(2)
+    c, w, t = 37, 4, 6
+    x = torch.randn(t, c, generator=g).to(dtype)
+    weight = torch.randn(c, w, generator=g).to(dtype)
+    state = torch.randn(c, w - 1, generator=g).to(dtype)
+    whole, s_whole = layers.causal_conv1d(x, weight, state)
+    steps, s = [], state
+    for i in range(t):
+        o, s = layers.causal_conv1d(x[i : i + 1], weight, s)
+        steps.append(o)
+    tol = 0 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(torch.cat(steps), whole, rtol=tol, atol=tol if tol else 1e-6)
+    assert torch.equal(s, s_whole)
+
 def test_config_from_multimodal_json_and_errors():
     d = {"model_type": "qwen3_5_moe", "tie_word_embeddings": False, "vision_config": {"depth": 2},
          "text_config": {**TINY, "num_hidden_layers": 8, "rope_parameters": None, "rope_theta": 1e6,
