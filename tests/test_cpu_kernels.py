@@ -189,6 +189,40 @@ def test_int8_decode_within_its_bound(int8_dot, bits, dtype):
     assert ((cpu.CpuKernel(2).expert_mlp(x, w).double() - ref).abs() <= tol).all()
 
 
+
+def rounded_activations(x: torch.Tensor, group: int) -> torch.Tensor:
+    """x as the int8 path rounds it, per token and weight group, in float32 as the C code does:
+    dx = max|x| / 127, xq = round-half-even(x * (1 / dx)) in -127..127; returns dx * xq (float64)."""
+    T, n = x.shape
+    xg = x.float().reshape(T, n // group, group)
+    dx = xg.abs().amax(-1, keepdim=True) / 127.0
+    inv = torch.where(dx > 0, 1.0 / dx, torch.zeros_like(dx))
+    xq = torch.round((xg * inv).clamp(-127, 127))
+    return (xq.double() * dx.double()).reshape(T, n)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_int8_decode_is_the_dot_with_rounded_activations(int8_dot, bits):
+    """The int8 result is the exact product of the dequantized weights with the rounded x, up to
+    float32 summation: the bias term must use the rounded x too (with sum(x) it was 3-4x less
+    accurate: the rounding error got multiplied by q instead of q minus its offset)."""
+    for si, (out, n, group) in enumerate(SHAPES):
+        p = make_weight(out, n, bits, torch.bfloat16, group, seed=50 + si)
+        w_exact, _ = exact(p)
+        x = torch.randn(2, n, generator=torch.Generator().manual_seed(60 + si))
+        wpg = group // (32 // bits)
+        if wpg & (wpg - 1):  # words per group not a power of two: the portable float kernel runs
+            cpu.set_dot("f32")
+            y_f32 = cpu.matmul(x, p, 1)
+            cpu.set_dot("int8")
+            assert torch.equal(cpu.matmul(x, p, 1), y_f32)
+            continue
+        xr = rounded_activations(x, group)
+        ref = xr @ w_exact.T
+        y = cpu.matmul(x, p, 1).double()
+        tol = bound(p, xr.float()) * 2
+        assert ((y - ref).abs() <= tol).all(), f"bits={bits} {out}x{n} g{group}: worst {((y - ref).abs() / tol).max():.3g}"
+
 def _lib():
     lib, _ = cpu.library()
     return lib

@@ -3,9 +3,9 @@
  * Activations are quantized per weight group g and token, symmetrically: dx = max|x| / 127,
  * xq = round(x / dx) in -127..127. vpdpbusd multiplies the weights' unsigned q by xq, 64 products
  * per instruction (the float path does 16 per FMA, after unpacking), and per group
- *     y += scale_g * dx_g * sum(q * xq) + bias_g * sum(x)
- * with sum(x) exact (float, as in the float path): only the rounding of x (<= dx/2 per element)
- * separates this from the float result. The batched and float-weight products stay float.
+ *     y += scale_g * dx_g * sum(q * xq) + bias_g * dx_g * sum(xq)
+ * i.e. exactly the dequantized weights times the rounded x: only the rounding of x (<= dx/2 per
+ * element) separates this from the float result. The batched and float-weight products stay float.
  *
  * Activation layout: word block b (16 words) has E = 8/bits byte planes of 64 bytes; plane k,
  * lane l, byte m holds xq of element (16b + l) * P + m * E + k (P = 32/bits per word), which is
@@ -49,14 +49,20 @@ FMK_TARGET static int prepare(fmk_job *job, const float *x, void **bufs) {
         for (int64_t wi = 0; wi < nwords; wi++) {
             const float dg = d[wi >> wsh], *xv = xt + wi * P, inv = dg > 0.0f ? 1.0f / dg : 0.0f;
             int8_t *dst = xq + t * qstride + wi / I8_L * E * 64 + wi % I8_L * 4;
-            double sum = 0.0;
+            int sum = 0; /* of the rounded activations: see below */
             for (int64_t within = 0; within < P; within++) {
                 float v = xv[within] * inv; /* |v| <= 127 up to rounding */
                 v = v > 127.0f ? 127.0f : v < -127.0f ? -127.0f : v;
-                dst[off[within]] = (int8_t)(int)((v + 0x1.8p23f) - 0x1.8p23f); /* round to nearest even */
-                sum += xv[within];
+                const int qx = (int)((v + 0x1.8p23f) - 0x1.8p23f); /* round to nearest even */
+                dst[off[within]] = (int8_t)qx;
+                sum += qx;
             }
-            xw[t * wstride + wi] = (float)sum;
+            /* The bias term uses the sum of the rounded activations, dx * sum(xq), not sum(x): the
+             * result is then exactly the dot of the dequantized weights with the rounded x. With the
+             * exact sum, the rounding error of x was multiplied by q (0..2^bits-1, mean near the
+             * middle) instead of by q - its group's offset: 3-4x the error (q8, Gaussian x: 0.65-2.5%
+             * relative output error against 0.59-0.63% now). */
+            xw[t * wstride + wi] = dg * (float)sum;
         }
     }
     job->xq = xq, job->xscale = dx, job->xsum = xw;
