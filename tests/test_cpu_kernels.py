@@ -221,7 +221,8 @@ def test_int8_decode_is_the_dot_with_rounded_activations(int8_dot, bits):
         ref = xr @ w_exact.T
         y = cpu.matmul(x, p, 1).double()
         tol = bound(p, xr.float()) * 2
-        assert ((y - ref).abs() <= tol).all(), f"bits={bits} {out}x{n} g{group}: worst {((y - ref).abs() / tol).max():.3g}"
+        worst = ((y - ref).abs() / tol).max()
+        assert worst <= 1, f"bits={bits} {out}x{n} g{group}: worst error / bound {worst:.3g}"
 
 def _lib():
     lib, _ = cpu.library()
