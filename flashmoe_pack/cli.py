@@ -7,6 +7,7 @@ and exit with status 1 (2 for bad usage), never a traceback.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -189,6 +190,29 @@ IO_HELP = ("auto (default: direct where the filesystem accepts O_DIRECT, on Linu
 GPU_CACHE_HELP = "cuda: byte budget of the VRAM expert tier ('auto': free device memory less a reserve)."
 
 
+CPU_DOT_HELP = ("CPU decode arithmetic: auto (int8 activations where the CPU has AVX-512 VNNI, else f32) | f32 "
+                "(the float path, exact up to float32 rounding) | int8. Process-wide; the library's default is f32.")
+
+
+def set_cpu_dot(choice: str, device: str) -> None:
+    """--cpu-dot: the C kernels' decode arithmetic (README: speed and accuracy). auto leaves an explicit
+    FLASHMOE_CPU_DOT alone."""
+    if choice not in ("auto", "f32", "int8"):
+        _fail(f"--cpu-dot {choice!r}: use auto, f32 or int8", 2)
+    if device != "cpu" or choice == "auto" and os.environ.get("FLASHMOE_CPU_DOT"):
+        return
+    from .backends import cpu
+
+    if not cpu.available():
+        if choice == "int8":
+            _fail(f"--cpu-dot int8: the C kernels are unavailable ({cpu.unavailable_reason()})", 2)
+        return
+    has_int8 = "int8" in cpu.supported_dots()
+    if choice == "int8" and not has_int8:
+        _fail("--cpu-dot int8: this CPU lacks AVX-512 VNNI; use auto or f32", 2)
+    cpu.set_dot("int8" if choice == "auto" and has_int8 else "f32" if choice == "auto" else choice)
+
+
 def host_cache(value: str | None, device: str) -> str:
     """--expert-cache / --host-expert-cache with its device-dependent default."""
     if value is not None:
@@ -218,6 +242,7 @@ def run(
     verify_reads: bool = typer.Option(True, help="Check every expert record read against its xxhash64."),
     resident: str = typer.Option("auto", help="Non-expert matrices: auto (q8 on the CPU with the C kernels, "
                                               "else bf16) | bf16 | stored (as packed) | q8 | q4-head."),
+    cpu_dot: str = typer.Option("auto", help=CPU_DOT_HELP),
 ):
     """Generate text, streaming experts from disk."""
     from . import load
@@ -228,6 +253,7 @@ def run(
         if tokens < 1:
             _fail("--tokens must be at least 1", 2)
         sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+        set_cpu_dot(cpu_dot, device)
         m = load(model, device=device, expert_cache=host_cache(expert_cache, device), io=io, threads=threads,
                  experts_per_token=experts_per_token, gpu_expert_cache=gpu_expert_cache, verify_reads=verify_reads,
                  resident=resident)

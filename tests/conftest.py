@@ -128,3 +128,14 @@ def hf_reference(tiny_src):
         return model(torch.as_tensor(ids)[None]).logits[0].float()
 
     return run
+
+
+@pytest.fixture(autouse=True)
+def _reset_cpu_dot():
+    """The CLI's --cpu-dot (default auto: int8 on VNNI CPUs) sets the C kernels' process-wide decode
+    arithmetic; tests that invoke the CLI in-process must not leave it set for the next test."""
+    yield
+    from flashmoe_pack.backends import cpu
+
+    if cpu.available():
+        cpu.set_dot(None)

@@ -120,3 +120,35 @@ def test_resident_option_reaches_load(command, packed4):
     r = invoke(command, packed4, "--resident", "q3")
     assert r.exit_code != 0
     assert "resident='q3'" in r.output and "q4-head" in r.output
+
+
+def test_cpu_dot_option(packed4, monkeypatch):
+    """--cpu-dot: auto picks int8 where the CPU has it (else f32), f32/int8 are taken as asked, an explicit
+    FLASHMOE_CPU_DOT is left alone by auto, and bad or unsupported values fail naming the option."""
+    from flashmoe_pack.backends import cpu
+
+    if not cpu.available():
+        pytest.skip(f"C kernels unavailable: {cpu.unavailable_reason()}")
+    monkeypatch.delenv("FLASHMOE_CPU_DOT", raising=False)
+
+    def loaded(r):  # got past the options and loaded the model (this checkpoint has no tokenizer)
+        return r.exit_code == 1 and "no tokenizer.json" in r.output
+
+    try:
+        assert loaded(invoke("run", packed4, "--tokens", 2, "--cpu-dot", "f32"))
+        assert cpu.active_dot() == "f32"
+        assert loaded(invoke("run", packed4, "--tokens", 2))
+        assert cpu.active_dot() == ("int8" if "int8" in cpu.supported_dots() else "f32")
+        r = invoke("run", packed4, "--tokens", 2, "--cpu-dot", "int4")
+        assert r.exit_code == 2 and "--cpu-dot 'int4'" in r.output
+        r = invoke("run", packed4, "--tokens", 2, "--cpu-dot", "int8")
+        if "int8" in cpu.supported_dots():
+            assert loaded(r) and cpu.active_dot() == "int8"
+        else:
+            assert r.exit_code == 2 and "VNNI" in r.output
+        cpu.set_dot(None)
+        monkeypatch.setenv("FLASHMOE_CPU_DOT", "f32")
+        assert loaded(invoke("run", packed4, "--tokens", 2))
+        assert cpu.active_dot() == "f32"
+    finally:
+        cpu.set_dot(None)

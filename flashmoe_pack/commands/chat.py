@@ -245,9 +245,11 @@ def chat(
     device: str = typer.Option("cpu", help="cpu | cuda | mps."),
     resident: str = typer.Option("auto", help="Non-expert matrices: auto (q8 on the CPU with the C kernels, "
                                               "else bf16) | bf16 | stored (as packed) | q8 | q4-head."),
+    cpu_dot: str = typer.Option("auto", help="CPU decode arithmetic: auto (int8 activations with AVX-512 VNNI, "
+                                             "else f32) | f32 | int8."),
 ):
     """Chat with a model in the terminal (streaming, history, tools)."""
-    from ..cli import _fail, _user_errors, host_cache
+    from ..cli import _fail, _user_errors, host_cache, set_cpu_dot
 
     with _user_errors():
         from .. import load
@@ -255,6 +257,7 @@ def chat(
         from ..engine.session import Session
         from ..server.app import _generation_defaults
 
+        set_cpu_dot(cpu_dot, device)
         m = load(model, device=device, expert_cache=host_cache(expert_cache, device),
                  experts_per_token=experts_per_token, gpu_expert_cache=gpu_expert_cache, resident=resident)
         if m.tokenizer is None or m.tokenizer.chat_template is None:

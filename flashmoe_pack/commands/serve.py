@@ -40,6 +40,8 @@ def serve(
     device: str = typer.Option("cpu", help="cpu | cuda | mps."),
     resident: str = typer.Option("auto", help="Non-expert matrices: auto (q8 on the CPU with the C kernels, "
                                               "else bf16) | bf16 | stored (as packed) | q8 | q4-head."),
+    cpu_dot: str = typer.Option("auto", help="CPU decode arithmetic: auto (int8 activations with AVX-512 VNNI, "
+                                             "else f32) | f32 | int8."),
     compute_threads: int | None = typer.Option(
         None,
         help="torch CPU threads (default: torch's choice; 1 is faster for small models on a busy machine).",
@@ -47,7 +49,7 @@ def serve(
     log_level: str = typer.Option("info", help="uvicorn log level: warning, info, debug."),
 ):
     """Serve the model over HTTP: /v1/chat/completions, /v1/completions, /v1/messages, /v1/models, /health."""
-    from ..cli import _fail, _user_errors, host_cache
+    from ..cli import _fail, _user_errors, host_cache, set_cpu_dot
 
     with _user_errors():
         if max_queue < 0 or snapshots < 0:
@@ -63,6 +65,7 @@ def serve(
             import torch
 
             torch.set_num_threads(compute_threads)
+        set_cpu_dot(cpu_dot, device)
         m = load(
             model,
             device=device,
