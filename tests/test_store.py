@@ -20,14 +20,9 @@ from flashmoe_pack.quant import dequantize
 
 
 def _load_make_synthetic():
-    import importlib.util
-    from pathlib import Path
+    from scriptload import load_script  # tests/ is on sys.path under pytest
 
-    path = Path(__file__).resolve().parent.parent / "scripts" / "make_synthetic.py"
-    spec = importlib.util.spec_from_file_location("_fmp_make_synthetic", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("make_synthetic")
 
 
 ms = _load_make_synthetic()

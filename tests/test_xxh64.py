@@ -77,14 +77,9 @@ def test_c_hash_runs_without_the_gil():
 
 
 def _make_synthetic():
-    import importlib.util
-    from pathlib import Path
+    from scriptload import load_script  # tests/ is on sys.path under pytest
 
-    path = Path(__file__).resolve().parent.parent / "scripts" / "make_synthetic.py"
-    spec = importlib.util.spec_from_file_location("_fmp_make_synthetic_x", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("make_synthetic")
 
 
 @pytest.fixture(scope="module")
