@@ -21,6 +21,7 @@ import pytest  # noqa: E402
 
 import flashmoe_pack  # noqa: E402
 from flashmoe_pack.backends.cuda import CudaExperts, CudaKernel  # noqa: E402
+from flashmoe_pack.engine import store  # noqa: E402
 from flashmoe_pack.engine.gpu_cache import POLICIES, GpuExpertCache, simulate  # noqa: E402
 from flashmoe_pack.pack import FormatError, load_index  # noqa: E402
 from flashmoe_pack.pack import format as fmt  # noqa: E402
@@ -174,7 +175,6 @@ def test_host_tier_off_reads_disk_each_miss(packed4, io):
 
 def test_auto_budgets(packed4):
     """host "auto": nothing when VRAM holds every expert; else at most the experts VRAM does not hold."""
-    from flashmoe_pack.engine import gpu_cache
 
     ix = load_index(packed4)
     slot = fmt.align_up(ix.layout.record_bytes, 256)
@@ -185,11 +185,15 @@ def test_auto_budgets(packed4):
     c = GpuExpertCache(ix, 2 * slot, device=DEV)
     assert 0 <= c.capacity and c.host.cache_bytes <= (total - 2) * c.host.read_bytes
     c.close()
-    gib = 1 << 30
-    assert gpu_cache.host_auto_budget(10 * gib) == 8 * gib  # reserve 2 GiB
-    assert gpu_cache.host_auto_budget(40 * gib) == 34 * gib  # reserve 15%
-    assert gpu_cache.host_auto_budget(gib) == 0
-    assert 0 < gpu_cache.host_memory_available()
+    gib = 1 << 30  # the host tier's auto budget is the store's, with nothing resident to subtract
+
+    def host_auto_budget(avail):
+        return store.auto_cache_budget(0, 1 << 50, "direct", store.MemoryInfo(avail, avail, "test"))[0]
+
+    assert host_auto_budget(10 * gib) == 8 * gib  # reserve 2 GiB
+    assert host_auto_budget(40 * gib) == 34 * gib  # reserve 15%
+    assert host_auto_budget(gib) == 0
+    assert 0 < store.memory_info().available
 
 
 def test_cli_host_cache_default():

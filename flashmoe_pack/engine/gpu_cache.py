@@ -16,9 +16,9 @@ after the batch, and the side stream first waits for the main stream, so a slot 
 overwritten while an earlier kernel still reads it. A staging buffer is reused only after its
 previous copy's event. Replacement in VRAM: "lru", or "lfu" (frequency-aware: sampled
 least-frequently-used with aging, recency breaking ties). Budgets "auto": VRAM = free device memory
-(after the resident weights) less max(2 GiB, 10% of the card); host = available memory
-(MemAvailable, or the memory cgroup's limit) less max(2 GiB, 15%), at most the experts VRAM does
-not hold. On a CPU device the same code runs without streams (tests drive the logic, with the
+(after the resident weights) less max(2 GiB, 10% of the card); host = engine/store.py's
+auto_cache_budget with no resident weights to subtract (they live in VRAM), at most the experts VRAM
+does not hold. On a CPU device the same code runs without streams (tests drive the logic, with the
 kernels under TRITON_INTERPRET=1).
 """
 
@@ -168,54 +168,6 @@ def _record(w: ExpertWeights, nbytes: int) -> torch.Tensor:
     return torch.empty(0, dtype=torch.uint8).set_(st, 0, (nbytes,))
 
 
-def _cgroup_available() -> int | None:
-    """Bytes this process's memory cgroup (v2, or v1) still allows, counting its page cache as
-    free (reclaimable); None without a limit."""
-    try:
-        line = next(ln for ln in open("/proc/self/cgroup").read().splitlines() if ln.startswith("0::"))
-        base = "/sys/fs/cgroup" + line[3:].rstrip("/")
-        limit = open(f"{base}/memory.max").read().strip()
-        if limit == "max":
-            return None
-        used = int(open(f"{base}/memory.current").read())
-        stat = dict(ln.split() for ln in open(f"{base}/memory.stat").read().splitlines())
-        return max(0, int(limit) - used + int(stat.get("file", 0)))
-    except (OSError, StopIteration, ValueError):
-        pass
-    try:  # v1
-        base = "/sys/fs/cgroup/memory"
-        limit = int(open(f"{base}/memory.limit_in_bytes").read())
-        if limit >= 1 << 60:
-            return None
-        used = int(open(f"{base}/memory.usage_in_bytes").read())
-        stat = dict(ln.split() for ln in open(f"{base}/memory.stat").read().splitlines())
-        return max(0, limit - used + int(stat.get("total_cache", 0)))
-    except (OSError, ValueError):
-        return None
-
-
-def host_memory_available() -> int:
-    """MemAvailable, or less where a memory cgroup limits this process (the fallback while
-    engine/store.py has no auto_cache_budget)."""
-    avail = 0
-    try:
-        for ln in open("/proc/meminfo"):
-            if ln.startswith("MemAvailable:"):
-                avail = int(ln.split()[1]) * 1024
-    except OSError:
-        avail = 4 << 30
-    cg = _cgroup_available()
-    return min(avail, cg) if cg is not None else avail
-
-
-def host_auto_budget(available: int | None = None) -> int:
-    """The host tier's "auto" budget: available memory less a reserve of max(2 GiB, 15%) for the
-    process itself (CUDA context, pinned staging, activations, the resident weights on their way
-    to the GPU)."""
-    avail = host_memory_available() if available is None else available
-    return max(0, avail - max(2 << 30, int(0.15 * avail)))
-
-
 def vram_auto_budget(device: torch.device) -> int:
     """The VRAM tier's "auto" budget: free device memory (after the resident weights) less a
     reserve of max(2 GiB, 10% of the card) for activations, KV cache and the allocator."""
@@ -314,13 +266,8 @@ class GpuExpertCache:
         host, self.host_note = self.host_budget, "set"
         if host == "auto":  # what VRAM holds needs no host copy; more than the rest is of no use
             rest = max(0, total - self.n_slots) * self.host.read_bytes
-            shared = getattr(_store, "auto_cache_budget", None)  # engine/store.py's, where it has one
-            if shared is not None:  # resident weights live in VRAM: none to subtract here
-                mode = getattr(self.host, "io_mode", "direct" if self.host.direct else "os")
-                host, self.host_note = shared(0, rest, mode)
-            else:
-                host = min(host_auto_budget(), rest)
-                self.host_note = "auto: available memory - max(2 GiB, 15%), at most the experts VRAM does not hold"
+            mode = getattr(self.host, "io_mode", "direct" if self.host.direct else "os")
+            host, self.host_note = _store.auto_cache_budget(0, rest, mode)  # resident weights live in VRAM
         self.host.cache_bytes = int(host)
 
     @property
