@@ -225,3 +225,61 @@ def test_peak_rss_within_budget(tmp_path_factory, io, cache):
     print(f"io={io}: peak - loaded = {grew / 2**20:.1f} MiB, allowed {allowed / 2**20:.1f} MiB")
     assert got["misses"] > 200
     assert grew <= allowed, (grew / 2**20, allowed / 2**20)
+
+
+# -- take/put for an exclusive tier above the store (engine/gpu_cache.py) ---------------------------------
+def _raw(ix, layer, e):
+    from flashmoe_pack.pack.reader import read_record
+
+    return read_record(ix, layer, e)
+
+
+def test_stream_keep_false_takes_hits_and_caches_no_reads(small):
+    """keep=False: a hit leaves the cache (its buffer back in the free list, no copy), a read is not
+    inserted; the weights yielded are the records on disk; the default stream is unchanged."""
+    ix = load_index(small)
+    rb = fmt.align_up(ix.layout.record_bytes, 4096)
+    st = SlowStore(ix, cache_bytes=4 * rb, threads=1, inflight=2)
+    list(st.stream(0, [1, 2]))
+    assert set(st._cache) == {(0, 1), (0, 2)} and st.cached_bytes == 2 * rb
+    got = {e: dequantize(w.down).clone() for e, w in st.stream(0, [2, 3], keep=False)}
+    assert set(st._cache) == {(0, 1)} and st.cached_bytes == rb  # 2 taken out, 3 never inserted
+    for e in (2, 3):
+        assert torch.equal(got[e], _ref(ix, 0, e))
+    assert (st.stats.hits, st.stats.misses, st.stats.reads) == (1, 3, 3)
+    allocated = st.allocated
+    list(st.stream(0, [4, 5], keep=False))  # the recycled buffers serve the next reads
+    assert st.allocated == allocated and set(st._cache) == {(0, 1)}
+    list(st.stream(0, [1]))  # default: a hit stays
+    assert set(st._cache) == {(0, 1)}
+    st.close()
+
+
+def test_put_inserts_checked_copy_under_budget(small):
+    ix = load_index(small)
+    rb = fmt.align_up(ix.layout.record_bytes, 4096)
+    st = ExpertStore(ix, cache_bytes=2 * rb, threads=1)
+    for e in (3, 4, 5):  # LRU eviction at the budget: 3 goes
+        src = _raw(ix, 1, e).clone()
+        assert st.put(1, e, src)
+        src.zero_()  # the store holds its own copy
+    assert list(st._cache) == [(1, 4), (1, 5)] and st.cached_bytes == 2 * rb
+    got = dict(st.stream(1, [4, 5]))
+    assert (st.stats.hits, st.stats.reads) == (2, 0)
+    for e in (4, 5):
+        assert torch.equal(dequantize(got[e].down), _ref(ix, 1, e))
+    assert st.put(1, 4, _raw(ix, 1, 4)) and list(st._cache) == [(1, 5), (1, 4)]  # already there: touched
+    bad = _raw(ix, 2, 6).clone()
+    bad[100] ^= 0xFF
+    with pytest.raises(FormatError, match=r"layer 2 expert 6: checksum mismatch"):
+        st.put(2, 6, bad)
+    assert (2, 6) not in st._cache
+    assert st.put(2, 6, bad, verify=False)  # the caller vouches for it
+    with pytest.raises(ValueError, match="layer 2 expert 7: record must be a CPU uint8"):
+        st.put(2, 7, torch.zeros(10, dtype=torch.uint8))
+    with pytest.raises(IndexError, match="expert 99 out of range"):
+        st.put(2, 99, bad)
+    st.close()
+    st = ExpertStore(ix, cache_bytes=0, threads=1)
+    assert not st.put(0, 0, _raw(ix, 0, 0)) and st.cached_bytes == 0  # no budget: nothing kept
+    st.close()

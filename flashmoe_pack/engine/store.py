@@ -476,7 +476,7 @@ class ExpertStore:
             raise fmt.FormatError(f"{self._fds[layer][1]}: layer {layer} expert {expert}: fmk_xxh64 disagrees "
                                   "with python-xxhash (a broken build of runtime/cpu)")
 
-    def _lookup(self, layer: int, experts: list[int]) -> tuple[list[tuple[int, _Entry]], list[int]]:
+    def _lookup(self, layer: int, experts: list[int], keep: bool = True) -> tuple[list[tuple[int, _Entry]], list[int]]:
         if layer not in self._fds:
             raise KeyError(f"layer {layer} has no expert file in {self.index.path}")
         hits, missing = [], []
@@ -486,7 +486,12 @@ class ExpertStore:
                     raise IndexError(f"expert {e} out of range (layer {layer} has {self.index.num_experts})")
                 hit = self._cache.get((layer, e))
                 if hit is not None:
-                    self._cache.move_to_end((layer, e))
+                    if keep:
+                        self._cache.move_to_end((layer, e))
+                    else:  # taken out: its buffer is recycled once the caller is done with it
+                        del self._cache[(layer, e)]
+                        hit.cached = False
+                        self._cached_bytes -= self.read_bytes
                     hit.leases += 1
                     hits.append((e, hit))
                     self.stats.hits += 1
@@ -496,13 +501,16 @@ class ExpertStore:
         return hits, missing
 
     def stream(self, layer: int, experts: list[int], pin: bool = False,
-               hold: bool = False) -> Iterator[tuple[int, ExpertWeights]]:
+               hold: bool = False, keep: bool = True) -> Iterator[tuple[int, ExpertWeights]]:
         """Yield (expert, weights) for each of `experts`: cache hits first, then misses in the order
         their reads complete. Reads start at once, at most `inflight` at a time. The weights of one
         step may be reused for another read once the caller asks for the next step (pin=True: they
         stay valid while referenced; hold=True: until the iteration ends, with up to one buffer per
-        expert instead of `inflight`). Raises FormatError (naming file, layer, expert) on a bad read."""
-        hits, missing = self._lookup(layer, experts)
+        expert instead of `inflight`). keep=False is for an exclusive tier above this one (the VRAM
+        cache), which takes the records: hits leave the cache, reads are not inserted, and both buffers
+        are recycled once the caller is done with them; the default (keep=True) is unchanged.
+        Raises FormatError (naming file, layer, expert) on a bad read."""
+        hits, missing = self._lookup(layer, experts, keep)
         held: list[_Entry] = []
         done: queue.SimpleQueue = queue.SimpleQueue()
         todo = iter(missing)
@@ -542,7 +550,8 @@ class ExpertStore:
                 self.stats.wait_seconds += time.perf_counter() - t0
                 entry = fut.result()  # re-raises FormatError from the reader thread
                 entry.leases = 1
-                self._insert((layer, e), entry)
+                if keep:
+                    self._insert((layer, e), entry)
                 try:
                     yield e, entry.weights
                 finally:
@@ -562,6 +571,43 @@ class ExpertStore:
     def get(self, layer: int, experts: list[int]) -> dict[int, ExpertWeights]:
         """Decoded weights of `experts` of `layer` (valid for as long as they are referenced)."""
         return dict(self.stream(layer, experts, pin=True))
+
+    def put(self, layer: int, expert: int, record: torch.Tensor, verify: bool = True) -> bool:
+        """Insert a copy of `record` (uint8, at least record_bytes; e.g. a record moved down from VRAM)
+        as expert `expert` of `layer`, under the budget with the cache's LRU eviction, into a recycled
+        buffer. verify=True checks its xxhash64 against the index first (FormatError naming file, layer,
+        expert), so what the cache holds is checked data. Returns False when a record does not fit the
+        budget (nothing is kept). A key already cached is only marked recently used. CPU stores only."""
+        if self.device.type != "cpu":
+            raise ValueError(f"ExpertStore.put: records are kept in host buffers, this store is on {self.device}")
+        if layer not in self._fds:
+            raise KeyError(f"layer {layer} has no expert file in {self.index.path}")
+        if not 0 <= expert < self.index.num_experts:
+            raise IndexError(f"expert {expert} out of range (layer {layer} has {self.index.num_experts})")
+        src = record.reshape(-1)
+        if src.dtype != torch.uint8 or src.device.type != "cpu" or src.numel() < self.record_bytes:
+            raise ValueError(f"ExpertStore.put: layer {layer} expert {expert}: record must be a CPU uint8 tensor of "
+                             f">= {self.record_bytes} bytes, got {src.dtype} [{src.numel()}] on {src.device}")
+        if self.read_bytes > self.cache_bytes:
+            return False
+        with self._lock:
+            if (layer, expert) in self._cache:
+                self._cache.move_to_end((layer, expert))
+                return True
+        buf = self._acquire()
+        raw = torch.frombuffer(buf, dtype=torch.uint8)
+        raw[: self.record_bytes].copy_(src[: self.record_bytes])
+        if verify:
+            try:
+                self._check(raw.data_ptr(), buf, self.record_bytes, layer, expert)
+            except BaseException:
+                del raw
+                with self._lock:
+                    if len(self._free) < self.inflight:
+                        self._free.append(buf)
+                raise
+        self._insert((layer, expert), _Entry(decode_record(raw, self.index), buf))
+        return True
 
     def _insert(self, key: tuple[int, int], entry: _Entry) -> None:
         size = self.read_bytes
