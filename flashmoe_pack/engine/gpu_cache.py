@@ -15,7 +15,19 @@ buffers and from there to its slot on a side stream; the main stream waits on th
 after the batch, and the side stream first waits for the main stream, so a slot is never
 overwritten while an earlier kernel still reads it. A staging buffer is reused only after its
 previous copy's event. Replacement in VRAM: "lru", or "lfu" (frequency-aware: sampled
-least-frequently-used with aging, recency breaking ties). Budgets "auto": VRAM = free device memory
+least-frequently-used with aging, recency breaking ties).
+
+Exclusive tiers (the default; `exclusive=False` or FLASHMOE_CUDA_EXCLUSIVE=0 for the old inclusive
+pair): a record promoted to VRAM leaves the host tier (its buffer goes back to the store's free list,
+uncopied) and a record read from disk for VRAM is not kept in host RAM; a record evicted from VRAM
+moves down into the host tier (store.put, LRU under its budget). The host copy is made by a
+device-to-host copy of the slot, not kept from the upload: keeping the uploaded copy would hold a host
+buffer per VRAM slot, the duplicate this mode removes. On CUDA the copy runs on its own stream (after
+the slot's upload, beside kernels that read the slot) into a pinned staging buffer with an event; the
+slot's next upload waits for it on the side stream, and the host finishes the move (wait for the event,
+copy into a store buffer, xxhash64 check when verify_reads) after the batch's host-tier lookups, when
+the staging buffer is needed again or at the end of the batch. A staging buffer is never reused while a
+copy into or out of it is pending. Budgets "auto": VRAM = free device memory
 (after the resident weights) less max(2 GiB, 10% of the card); host = engine/store.py's
 auto_cache_budget with no resident weights to subtract (they live in VRAM), at most the experts VRAM
 does not hold. On a CPU device the same code runs without streams (tests drive the logic, with the
@@ -24,6 +36,8 @@ kernels under TRITON_INTERPRET=1).
 
 from __future__ import annotations
 
+import itertools
+import os
 import random
 import time
 from collections import OrderedDict
@@ -60,6 +74,9 @@ class TierStats:
 
     evictions: int = 0
     h2d_bytes: int = 0
+    demotions: int = 0  # exclusive: evicted records moved down into the host tier
+    down_bytes: int = 0  # bytes copied out of VRAM slots for them
+    demote_seconds: float = 0.0  # host time finishing them: event waits, copy into the store, checks
     fetch_seconds: float = 0.0  # wall time of miss batches: reads, checks, copies enqueued
     stage_wait_seconds: float = 0.0  # waiting for a staging buffer's previous copy
 
@@ -156,6 +173,82 @@ def simulate(policy: str, trace: list[list], n_slots: int) -> float:
     return hits / total if total else 0.0
 
 
+def simulate_tiers(policy: str, trace: list[list], n_slots: int, host_slots: int, exclusive: bool = True,
+                   warmup: int = 0) -> dict:
+    """Counters of the VRAM tier (`policy`, n_slots) over the host tier (LRU, host_slots records) on a
+    trace of batches (lists of keys used together), in GpuExpertCache's order of operations: VRAM hits
+    are touched in request order; for the misses, victims are chosen (never a key of the batch), the
+    host tier is looked up (exclusive: hits are taken out; inclusive: marked recently used), then
+    (exclusive) the victims move down into the host tier in eviction order, or (inclusive) the records
+    read from disk are inserted; the misses enter VRAM host hits first, then reads, in request order
+    (the cache with one reader thread does the same). Batches before `warmup` are not counted.
+    Returns lookups, vram_hits, host_hits, disk_reads, demotions and the hit rates (combined: either tier)."""
+    pol, where, host, free = POLICIES[policy](), set(), OrderedDict(), n_slots
+    n = {"lookups": 0, "vram_hits": 0, "host_hits": 0, "disk_reads": 0, "demotions": 0}
+
+    def host_insert(key) -> None:
+        if host_slots <= 0:
+            return
+        host[key] = None
+        host.move_to_end(key)
+        while len(host) > host_slots:
+            host.popitem(last=False)
+
+    for i, batch in enumerate(trace):
+        batch = list(dict.fromkeys(batch))
+        count = i >= warmup
+        miss = []
+        for key in batch:
+            if key in where:
+                pol.touch(key)
+                n["vram_hits"] += count
+            else:
+                miss.append(key)
+        n["lookups"] += count * len(batch)
+        if not miss:
+            continue
+        if len(miss) > n_slots:
+            raise ValueError(f"{len(miss)} misses in one batch, the VRAM tier holds {n_slots}")
+        victims, protected = [], set(batch)
+        for _ in miss:
+            if free:
+                free -= 1
+            else:
+                old = pol.victim(protected)
+                pol.remove(old)
+                where.discard(old)
+                victims.append(old)
+        up, read = [], []
+        for key in miss:
+            if key in host:
+                if exclusive:
+                    del host[key]
+                else:
+                    host.move_to_end(key)
+                up.append(key)
+            else:
+                read.append(key)
+        for key in victims if exclusive else read:
+            host_insert(key)
+        if exclusive and host_slots > 0:
+            n["demotions"] += count * len(victims)
+        n["host_hits"] += count * len(up)
+        n["disk_reads"] += count * len(read)
+        for key in up + read:
+            where.add(key)
+            pol.touch(key)
+    looked = max(1, n["lookups"])
+    n["vram_hit_rate"] = n["vram_hits"] / looked
+    n["host_hit_rate"] = n["host_hits"] / max(1, n["lookups"] - n["vram_hits"])
+    n["combined_hit_rate"] = (n["vram_hits"] + n["host_hits"]) / looked
+    return n
+
+
+def exclusive_default() -> bool:
+    """The tiers' mode when GpuExpertCache is not told: exclusive unless FLASHMOE_CUDA_EXCLUSIVE=0."""
+    return os.environ.get("FLASHMOE_CUDA_EXCLUSIVE", "1") != "0"
+
+
 # ----------------------------------------------------------------------------------------- cache
 
 
@@ -191,6 +284,7 @@ class GpuExpertCache:
         policy: str = "lru",
         staging: int = 16,
         host_budget: int | str = "auto",
+        exclusive: bool | None = None,
     ):
         from .runtime import parse_size
 
@@ -202,6 +296,7 @@ class GpuExpertCache:
         self.budget = budget if budget == "auto" else parse_size(budget)
         self.host_budget = host_budget if host_budget == "auto" else parse_size(host_budget)
         self.policy = POLICIES[policy]()
+        self.exclusive = exclusive_default() if exclusive is None else bool(exclusive)
         # the host tier and the SSD: checks files, reads (O_DIRECT with io="direct"), verifies, caches
         self.host = ExpertStore(index, 0, io=io, threads=threads, verify_reads=verify_reads, device="cpu")
         self.host_note = ""
@@ -215,9 +310,12 @@ class GpuExpertCache:
         self._total = len(index.layers) * index.num_experts
         self._resident = None  # (slot map, table over every slot) once every expert is in VRAM
         cuda = self.device.type == "cuda"
-        self.side = torch.cuda.Stream(self.device) if cuda else None
-        self._staging = [torch.empty(self.record_bytes, dtype=torch.uint8, pin_memory=cuda) for _ in range(staging)]
-        self._stage_events: list = [None] * staging
+        self.side = torch.cuda.Stream(self.device) if cuda else None  # host -> VRAM copies
+        self.down = torch.cuda.Stream(self.device) if cuda else None  # VRAM -> host copies (exclusive)
+        self._staging = [torch.empty(self.record_bytes, dtype=torch.uint8, pin_memory=cuda)
+                         for _ in range(max(1, staging))]
+        self._stage_events: list = [None] * len(self._staging)  # the last copy into or out of each buffer
+        self._stage_down: list = [None] * len(self._staging)  # key of a record moving down through it
         self._next_stage = 0
 
     @property
@@ -232,13 +330,18 @@ class GpuExpertCache:
                           h.verify_seconds, h.wait_seconds)
 
     def tier_stats(self) -> dict:
-        """Cumulative counters per tier: vram (hits, misses, evictions, h2d bytes), host (hits,
-        misses: records read from disk), disk (bytes, reads, read seconds)."""
+        """Cumulative counters per tier: vram (hits, misses, evictions, h2d bytes, records and bytes moved
+        down), host (hits, misses: records read from disk; it is looked up on VRAM misses only), disk
+        (bytes, reads, read seconds); combined_hit_rate = lookups served by VRAM or host RAM."""
         h = self.host.stats
+        lookups = self.vram.hits + self.vram.misses
         return {
+            "mode": "exclusive" if self.exclusive else "inclusive",
+            "combined_hit_rate": (self.vram.hits + h.hits) / lookups if lookups else 0.0,
             "vram": {"hits": self.vram.hits, "misses": self.vram.misses, "hit_rate": self.vram.hit_rate,
                      "slots": self.n_slots, "slot_bytes": self.slot_bytes, "evictions": self.tier.evictions,
-                     "h2d_bytes": self.tier.h2d_bytes},
+                     "h2d_bytes": self.tier.h2d_bytes, "demotions": self.tier.demotions,
+                     "down_bytes": self.tier.down_bytes, "demote_seconds": self.tier.demote_seconds},
             "host": {"hits": h.hits, "misses": h.misses, "hit_rate": h.hit_rate,
                      "budget_bytes": self.host.cache_bytes, "cached_bytes": self.host.cached_bytes},
             "disk": {"bytes": h.bytes_read, "reads": h.reads, "read_seconds": h.read_seconds,
@@ -250,7 +353,8 @@ class GpuExpertCache:
         v, h, d = t["vram"], t["host"], t["disk"]
         return (f"VRAM tier: {v['hits']} hits, {v['misses']} misses ({v['hit_rate'] * 100:.1f}% hit), "
                 f"{v['slots']} slots ({v['slots'] * v['slot_bytes'] / 2**30:.2f} GiB), {v['evictions']} evictions, "
-                f"{v['h2d_bytes'] / 1e9:.3f} GB host->device\n"
+                f"{v['h2d_bytes'] / 1e9:.3f} GB host->device; {t['mode']} tiers, {v['demotions']} records moved "
+                f"down ({v['down_bytes'] / 1e9:.3f} GB); VRAM + host {t['combined_hit_rate'] * 100:.1f}% hit\n"
                 f"host tier: {h['hits']} hits, {h['misses']} misses ({h['hit_rate'] * 100:.1f}% hit), "
                 f"{h['cached_bytes'] / 2**30:.2f} of {h['budget_bytes'] / 2**30:.2f} GiB used ({self.host_note})\n"
                 f"disk: {d['bytes'] / 1e9:.3f} GB in {d['reads']} reads "
@@ -288,6 +392,7 @@ class GpuExpertCache:
     def close(self) -> None:
         if self.side is not None:
             self.side.synchronize()
+            self.down.synchronize()
         self.host.close()
         self._where.clear()
         self._resident = None
@@ -333,29 +438,47 @@ class GpuExpertCache:
     def row(self, layer: int) -> int:
         return self._rows[layer]
 
-    def _take_slot(self, protected: set) -> int:
+    def _take_slot(self, protected: set) -> tuple[int, tuple[int, int] | None]:
+        """A free slot, or the policy's victim's: (slot, evicted key or None)."""
         if self._free_slots:
-            return self._free_slots.pop()
+            return self._free_slots.pop(), None
         old = self.policy.victim(protected)
         self.policy.remove(old)
         self.tier.evictions += 1
-        return self._where.pop(old)
+        return self._where.pop(old), old
 
     def _fetch(self, layer: int, experts: list[int], batch: set) -> None:
         """VRAM misses from the host tier (hits first, then disk reads as they complete): each
-        record is copied into a pinned staging buffer and from there to its slot on the side stream."""
+        record is copied into a pinned staging buffer and from there to its slot on the side stream.
+        Exclusive: the records leave the host tier, and the victims move down into it (after the
+        host-tier lookups, so a victim never pushes out a record this batch takes)."""
         t0 = time.perf_counter()
-        if self.side is not None:  # copies start after every kernel already queued (it may read an evicted slot)
+        if self.side is not None:
+            if self.exclusive:  # copies out of a slot start after its upload, not after queued kernels
+                self.down.wait_stream(self.side)
+            # copies in start after every kernel already queued (it may read an evicted slot)
             self.side.wait_stream(torch.cuda.current_stream(self.device))
-        slots = {e: self._take_slot(batch) for e in experts}
+        slots, victims = {}, []
+        for e in experts:
+            slots[e], old = self._take_slot(batch)
+            if old is not None:
+                victims.append((old, slots[e]))
+        demote = self.exclusive and victims and self.host.cache_bytes >= self.host.read_bytes
         done = []
+        records = self.host.stream(layer, experts, keep=not self.exclusive)  # raises FormatError naming the record
         try:
-            for e, w in self.host.stream(layer, experts):  # raises FormatError naming file, layer, expert
+            first = next(records)  # the host tier's lookups are done (exclusive: hits taken) and reads started
+            if demote:
+                self._demote(victims)
+            for e, w in itertools.chain([first], records):
                 self._copy(_record(w, self.record_bytes), slots[e])
                 done.append(e)
         except BaseException:
             self._free_slots += [slots[e] for e in experts]  # nothing of a failed batch is cached
             raise
+        finally:
+            records.close()
+            self._finish_demotions()  # none pending after a batch: a key is never in both tiers
         self._resident = None
         for e in done:
             self._where[(layer, e)] = slots[e]
@@ -364,18 +487,28 @@ class GpuExpertCache:
             torch.cuda.current_stream(self.device).wait_stream(self.side)
         self.tier.fetch_seconds += time.perf_counter() - t0
 
+    def _stage(self) -> int:
+        """The next pinned staging buffer, once the last copy into or out of it is done and a record
+        moving down through it has reached the host tier."""
+        b = self._next_stage
+        self._next_stage = (b + 1) % len(self._staging)
+        ev = self._stage_events[b]
+        if ev is not None:
+            w0 = time.perf_counter()
+            ev.synchronize()
+            self.tier.stage_wait_seconds += time.perf_counter() - w0
+            self._stage_events[b] = None
+        if self._stage_down[b] is not None:
+            key, self._stage_down[b] = self._stage_down[b], None
+            self._put_down(key, self._staging[b])
+        return b
+
     def _copy(self, src: torch.Tensor, slot: int) -> None:
         """Host record (store buffer) -> pinned staging -> (side stream) VRAM slot."""
         if self.side is None:
             self.pool[slot, : self.record_bytes].copy_(src)
         else:
-            b = self._next_stage
-            self._next_stage = (b + 1) % len(self._staging)
-            ev = self._stage_events[b]
-            if ev is not None:  # the buffer's previous copy must be done before it is overwritten
-                w0 = time.perf_counter()
-                ev.synchronize()
-                self.tier.stage_wait_seconds += time.perf_counter() - w0
+            b = self._stage()
             stage = self._staging[b]
             stage.copy_(src)
             with torch.cuda.stream(self.side):
@@ -384,6 +517,46 @@ class GpuExpertCache:
                 ev.record(self.side)
             self._stage_events[b] = ev
         self.tier.h2d_bytes += self.record_bytes
+
+    def _demote(self, victims: list) -> None:
+        """Exclusive: evicted records (key, slot) move down into the host tier before their slots are
+        overwritten. CUDA: slot -> pinned staging on the down stream (an event per copy; the side
+        stream's uploads wait for them); the host tier gets them in _stage / _finish_demotions."""
+        if self.side is None:
+            for key, slot in victims:
+                self._put_down(key, self.pool[slot, : self.record_bytes])
+            return
+        for key, slot in victims:
+            b = self._stage()
+            with torch.cuda.stream(self.down):
+                self._staging[b].copy_(self.pool[slot, : self.record_bytes], non_blocking=True)
+                ev = torch.cuda.Event()
+                ev.record(self.down)
+            self._stage_events[b], self._stage_down[b] = ev, key
+        self.side.wait_stream(self.down)  # uploads into these slots start after the copies out
+
+    def _finish_demotions(self) -> None:
+        """Every record still moving down reaches the host tier (oldest first: the LRU order is the eviction order)."""
+        n = len(self._staging)
+        for i in range(n):
+            b = (self._next_stage + i) % n
+            if self._stage_down[b] is not None:
+                w0 = time.perf_counter()
+                self._stage_events[b].synchronize()
+                self.tier.stage_wait_seconds += time.perf_counter() - w0
+                self._stage_events[b] = None
+                key, self._stage_down[b] = self._stage_down[b], None
+                self._put_down(key, self._staging[b])
+
+    def _put_down(self, key: tuple[int, int], record: torch.Tensor) -> None:
+        """A record evicted from VRAM (its bytes on the host now) into the host tier: copied into a store
+        buffer and, with verify_reads, checked against the index's xxhash64 again (a wrong slot or a
+        copy still in flight would fail loudly here, not as garbage tokens later)."""
+        t0 = time.perf_counter()
+        if self.host.put(key[0], key[1], record, verify=self.verify_reads):
+            self.tier.demotions += 1
+            self.tier.down_bytes += self.record_bytes
+        self.tier.demote_seconds += time.perf_counter() - t0
 
     def preload(self, layers: list[int] | None = None) -> None:
         """Read every expert of `layers` (default: all) into the pool; raises if it does not fit."""
