@@ -302,6 +302,7 @@ def engine_run(spec: dict) -> dict:
         prompt = [rng.randrange(vocab) for _ in range(spec["prompt"])]
         snaps = []
         wall = []
+        g0 = graph_counts(m)
         for i, _tok in enumerate(m.generate_ids(prompt, max_tokens=spec["tokens"] + 1, stop_ids=())):
             if i == 0:
                 snaps.append(m.store.tier_stats())
@@ -329,12 +330,59 @@ def engine_run(spec: dict) -> dict:
             "pcie_GB_s": d("vram", "h2d_bytes") / st.decode_s / 1e9 if st.decode_s else 0.0,
             "prefill_disk_bytes": a["disk"]["bytes"], "decode_window": [wall[0], wall[1]],
             "direct": b["disk"]["direct"],
+            "graph": {key: v - g0[key] for key, v in graph_counts(m).items()},
         })
+        if r["graph"]["captures"] and st.decode_s > r["graph"]["capture_s"]:  # captures happen inside decode
+            r["decode_tok_s_excl_capture"] = n / (st.decode_s - r["graph"]["capture_s"])
         out["runs"].append(r)
         print(json.dumps(r), file=sys.stderr, flush=True)
+    if spec.get("profile"):
+        out["profile"] = profile_decode(m, spec["profile"], sync)
     import resource
 
     out["max_rss_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return out
+
+
+def graph_counts(m) -> dict:
+    g = m.graphed
+    return {"captures": g.captures if g else 0, "capture_s": g.capture_s if g else 0.0,
+            "replays": g.replays if g else 0}
+
+
+def profile_decode(m, steps: int, sync) -> dict:
+    """Decode step time eager vs CUDA graph (FLASHMOE_CUDA_GRAPH), and torch.profiler's top ops of
+    `steps` eager steps: where a step's time goes."""
+    import torch
+
+    out = {}
+    state = m.model.new_state()
+    logits = m.model.forward(torch.arange(32), state, last_only=True)[-1]
+    tok = int(logits.argmax())
+    for mode in ("1", "0", "1"):  # graph, eager, graph again (captured already: steady state)
+        os.environ["FLASHMOE_CUDA_GRAPH"] = mode
+        m.decode_step(tok, state)
+        sync()
+        t = time.perf_counter()
+        for _ in range(steps):
+            tok = int(m.decode_step(tok, state).argmax())
+        sync()
+        out[f"ms_per_step_graph{mode}"] = (time.perf_counter() - t) * 1e3 / steps
+    os.environ["FLASHMOE_CUDA_GRAPH"] = "0"
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=acts) as prof:
+        for _ in range(steps):
+            tok = int(m.decode_step(tok, state).argmax())
+        sync()
+    ka = prof.key_averages()
+    out["eager_ops_per_step"] = sum(e.count for e in ka if e.key.startswith("aten::")) / steps
+    sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    out["eager_top"] = ka.table(sort_by=sort, row_limit=20)
+    out["eager_top_cpu"] = ka.table(sort_by="self_cpu_time_total", row_limit=20)
+    os.environ["FLASHMOE_CUDA_GRAPH"] = "1"
+    print(out["eager_top"], out["eager_top_cpu"], file=sys.stderr, flush=True)
     return out
 
 
@@ -482,7 +530,7 @@ def main():
         if "flashmoe" not in args.skip:
             log("flashmoe resident")
             spec = {**budget, "vram": L * E * slot, "host": 0, "ks": args.k, "tokens": args.resident_tokens,
-                    "preload": True}
+                    "preload": True, "profile": 32}
             res["flashmoe_resident"] = run_flashmoe(args, spec, False, 400)
             log(json.dumps(res["flashmoe_resident"])[:600])
             save()

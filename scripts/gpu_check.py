@@ -4,7 +4,8 @@
 
 1. conformance on tiny random checkpoints (TF32 off): unquantized fp32 GPU logits against
    transformers and the CPU path (max|diff| / max|logit|), with every expert in VRAM and with
-   3 slots; quantized 8/4/2-bit GPU against the CPU quantized path (KL, top-1, greedy tokens).
+   3 slots; quantized 8/4/2-bit GPU against the CPU quantized path (KL, top-1, greedy tokens);
+   CUDA-graph decode against eager decode (tokens, logits, captures, ms per step).
 2. pytest of tests/test_triton_kernels.py and tests/test_cuda_backend.py on CUDA (the same files
    run in the Triton interpreter on CPU CI; bfloat16 GEMM is only checked here).
 3. kernel timing at Qwen3.5-397B geometry (H=4096, I=1024, G=64, bf16 scales): decode K=10/4
@@ -58,10 +59,7 @@ def conformance(tmp: Path) -> dict:
     from flashmoe_pack.pack import load_index, quantize
     from flashmoe_pack.verify import compare_logits
 
-    spec = importlib.util.spec_from_file_location("fmp_conftest", ROOT / "tests" / "conftest.py")
-    conf = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(conf)
-    src = conf.make_causal_lm(tmp / "tiny")
+    src = _conftest().make_causal_lm(tmp / "tiny")
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, attn_implementation="eager").eval()
@@ -121,6 +119,56 @@ def conformance(tmp: Path) -> dict:
             }
             g.close()
     return out
+
+
+def graph_check(tmp: Path) -> dict:
+    """CUDA-graph decode (engine/cuda_graph.py) against eager decode on the same preloaded model:
+    greedy tokens and per-step logits, capture count across the KV buffer's growth (256), speed."""
+    import flashmoe_pack
+    from flashmoe_pack.pack import quantize
+    from flashmoe_pack.verify import compare_logits
+
+    src = tmp / "tiny"
+    if not src.exists():
+        src = _conftest().make_causal_lm(src)
+    pq = tmp / "graph_q4"
+    if not pq.exists():
+        quantize(src, pq, bits=4, group_size=32, progress=False)
+    m = flashmoe_pack.load(pq, device="cuda")
+    m.store.preload()
+    prompt = torch.tensor([(7 * i) % 250 + 3 for i in range(250)])
+    out: dict = {}
+    runs = {}
+    for mode in ("0", "1"):
+        os.environ["FLASHMOE_CUDA_GRAPH"] = mode
+        state = m.model.new_state()
+        logits = m.model.forward(prompt, state, last_only=True)[-1]
+        toks, steps = [], []
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(24):  # 250 + 24 crosses the KV capacity of 256: one more capture
+            tok = int(logits.argmax())
+            toks.append(tok)
+            logits = m.decode_step(tok, state)
+            steps.append(logits.float().cpu())
+        torch.cuda.synchronize()
+        runs[mode] = (toks, torch.stack(steps), (time.perf_counter() - t) / 24 * 1e3)
+    os.environ["FLASHMOE_CUDA_GRAPH"] = "1"
+    r = compare_logits(runs["0"][1], runs["1"][1])
+    out.update({
+        "greedy_equal": runs["0"][0] == runs["1"][0], "kl": r.kl, "top1": r.top1, "max_rel": r.max_rel,
+        "captures": m.graphed.captures, "replays": m.graphed.replays, "capture_s": m.graphed.capture_s,
+        "ms_per_step_eager": runs["0"][2], "ms_per_step_graph_incl_capture": runs["1"][2],
+    })
+    m.close()
+    return out
+
+
+def _conftest():
+    spec = importlib.util.spec_from_file_location("fmp_conftest", ROOT / "tests" / "conftest.py")
+    conf = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(conf)
+    return conf
 
 
 def pytest_gpu(out_dir: Path) -> dict:
@@ -284,6 +332,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "gpu-check-out")))
     ap.add_argument("--skip-tests", action="store_true")
+    ap.add_argument("--skip-conformance", action="store_true")
     ap.add_argument("--skip-kernels", action="store_true", help="no kernel timing / launch-config sweep")
     ap.add_argument("--skip-ncu", action="store_true")
     ap.add_argument("--budget-s", type=float, default=560)
@@ -312,7 +361,10 @@ def main():
     def save():
         (a.out / "gpu_check.json").write_text(json.dumps(res, indent=1, default=str))
 
-    section(res, "conformance", conformance, tmp)
+    if not a.skip_conformance:
+        section(res, "conformance", conformance, tmp)
+        save()
+    section(res, "graph", graph_check, tmp)
     save()
     if not a.skip_tests:
         section(res, "pytest", pytest_gpu, a.out)
@@ -337,6 +389,7 @@ def _r(v):
 
 def summary(res: dict) -> None:
     print("\n==== summary ====")
+    print("graph:", {k: _r(v) for k, v in res.get("graph", {}).items()})
     for k, v in res.get("conformance", {}).items():
         print(f"{k}:", {a: _r(b) for a, b in v.items()} if isinstance(v, dict) else _r(v))
     if "pytest" in res:
@@ -353,7 +406,7 @@ def summary(res: dict) -> None:
     for r in b.get("runs", []):
         print({k: _r(v) for k, v in r.items() if k != "profile_ms_per_tok"})
         print("   profile", {k: round(v, 2) for k, v in r.get("profile_ms_per_tok", {}).items()})
-    for name in ("conformance", "kernels", "bench", "sdpa"):
+    for name in ("conformance", "graph", "kernels", "bench", "sdpa"):
         if isinstance(res.get(name), dict) and "error" in res[name]:
             print(name, "ERROR", res[name]["error"][-1500:])
 

@@ -101,6 +101,54 @@ def test_decode_and_split_prefill_match_full_sequence(pair):
     assert relative_error(again, second) < 1e-6
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_static_decode_step_equals_eager_decode(pair, dtype):
+    """The step a CUDA graph captures (forward with a device `pos`: KV written at pos, masked attention
+    over the whole buffer, states updated in place, host bookkeeping left to state.advance) gives the
+    eager decode's logits and state, also across the KV buffer's growth (capacity 256)."""
+    hf, _ = pair
+    w = {k: v.to(dtype) for k, v in hf.state_dict().items()}
+    cfg = Qwen35MoeConfig.from_dict(hf.config.to_dict())
+    ours = Qwen35MoeModel(cfg, w, DenseExperts.from_hf(w, cfg.num_hidden_layers))
+    ids = torch.randint(0, 101, (262,), generator=torch.Generator().manual_seed(3))
+    eager, static = ours.new_state(), ours.new_state()
+    ours.forward(ids[:250], eager)
+    ours.forward(ids[:250], static)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for t in range(250, 262):
+        want = ours.forward(ids[t : t + 1], eager)
+        for kv in static.kv.values():
+            kv.reserve(static.pos + 1)
+        before = static.pos
+        got = ours.forward(ids[t : t + 1], static, pos=torch.tensor([static.pos]))
+        assert static.pos == before  # nothing on the host moved
+        static.advance(1)
+        assert relative_error(got.float(), want.float()) < tol, t
+    assert static.pos == eager.pos == 262
+    assert all(c.capacity == 512 for c in static.kv.values())
+    for i, c in eager.kv.items():
+        assert static.kv[i].length == c.length
+        assert relative_error(static.kv[i].k[:, : c.length].float(), c.k[:, : c.length].float()) < tol
+    for i in eager.recurrent:
+        assert relative_error(static.recurrent[i], eager.recurrent[i]) < tol
+        assert relative_error(static.conv[i].float(), eager.conv[i].float()) < tol
+    with pytest.raises(ValueError, match="one token"):
+        ours.forward(ids[:2], static, pos=torch.tensor([static.pos]))
+
+
+def test_decode_attention_masks_the_tail_and_matches_sdpa():
+    g = torch.Generator().manual_seed(4)
+    hq, hkv, cap, d, pos = 6, 2, 37, 16, 20
+    q = torch.randn(hq, 1, d, generator=g)
+    k, v = torch.randn(hkv, cap, d, generator=g), torch.randn(hkv, cap, d, generator=g)
+    want = layers.attention(q, k[:, : pos + 1], v[:, : pos + 1], pos)
+    got = layers.decode_attention(q, k, v, torch.tensor([pos]))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    k2, v2 = k.clone(), v.clone()
+    k2[:, pos + 1 :], v2[:, pos + 1 :] = 1e4, 1e4  # whatever lies past pos is not read
+    torch.testing.assert_close(layers.decode_attention(q, k2, v2, torch.tensor([pos])), got)
+
+
 def test_smaller_k_changes_output_but_runs(pair):
     hf, ours = pair
     ids = torch.arange(20) % 101

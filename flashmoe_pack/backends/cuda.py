@@ -71,6 +71,10 @@ class CudaExperts:
         # decode steps with every expert resident skip the host sync (FLASHMOE_CUDA_DEVICE_MAP=0: off, for A/B)
         self.device_map = os.environ.get("FLASHMOE_CUDA_DEVICE_MAP", "1") != "0"
 
+    def sync_free(self) -> bool:
+        """True when a decode step needs no host value here: every expert in VRAM, quantized kernels."""
+        return self.device_map and self.quantized and self.cache.resident_map() is not None
+
     def _section(self, name: str, layer: int):
         return self.profiler.section(name, layer) if self.profiler is not None else contextlib.nullcontext()
 

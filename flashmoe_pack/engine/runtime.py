@@ -102,6 +102,11 @@ class Model:
         if isinstance(self.store, ExpertStore):  # an "auto" cache budget counts the weights as loaded
             self.store.set_resident_bytes(resident_nbytes(weights))
         self.model = cls(self.config, weights, self.experts, dtype=dtype)
+        self.graphed = None  # CUDA: decode steps replayed from a graph once every expert is in VRAM
+        if self.device.type == "cuda" and hasattr(self.model.new_state(), "advance"):
+            from .cuda_graph import GraphedDecode
+
+            self.graphed = GraphedDecode(self.model)
         self.tokenizer = Tokenizer.from_dir(self.path) if (self.path / "tokenizer.json").is_file() else None
         self.last_stats: GenerationStats | None = None
 
@@ -112,6 +117,13 @@ class Model:
         """float32 logits [T, vocab] of one prefill of token ids [T] from an empty state."""
         ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
         return self.model.forward(ids, self.model.new_state())
+
+    def decode_step(self, tok: int, state, profiler: Profiler | None = None) -> torch.Tensor:
+        """Feed one token to `state`; float32 logits [vocab] of the next. A CUDA graph replay where
+        it applies (engine/cuda_graph.py; not while profiling, which times sections eagerly)."""
+        if profiler is None and self.graphed is not None and self.graphed.usable():
+            return self.graphed(tok, state)
+        return self.model.forward(torch.tensor([tok], dtype=torch.long), state, profiler, last_only=True)[-1]
 
     def encode_prompt(self, prompt: str | None = None, messages: list[dict] | None = None, chat: bool = False,
                       **template_kw) -> list[int]:
@@ -151,7 +163,7 @@ class Model:
                 yield tok
                 if tok in stops or i == max_tokens - 1:
                     break
-                logits = self.model.forward(torch.tensor([tok], dtype=torch.long), state, profiler, last_only=True)[-1]
+                logits = self.decode_step(tok, state, profiler)
         finally:
             self.experts.profiler = None
 

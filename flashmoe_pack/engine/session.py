@@ -243,7 +243,7 @@ class Generation:
                     break
                 if self.token_ids:
                     tok = self.token_ids[-1]
-                    logits = model.model.forward(torch.tensor([tok], dtype=torch.long), state, last_only=True)[-1]
+                    logits = model.decode_step(tok, state)
                     fed.append(tok)
                 p = self.sampling
                 tok = sample(logits, p.temperature, p.top_p, p.top_k, gen)

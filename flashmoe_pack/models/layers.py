@@ -160,7 +160,7 @@ def causal_conv1d(x: Tensor, weight: Tensor, state: Tensor) -> tuple[Tensor, Ten
         out = (full.float() * weight.float()).sum(-1, keepdim=True).to(weight.dtype)  # [C, 1]
     else:
         out = F.conv1d(full[None], weight[:, None, :], groups=weight.shape[0])[0]  # [C, T]
-    new_state = full[:, full.shape[-1] - (width - 1) :].clone()  # clone: do not pin `full`
+    new_state = full[:, full.shape[-1] - (width - 1) :]  # a view: the model copies it into its state
     return out.transpose(0, 1).to(x.dtype), new_state
 
 
@@ -242,27 +242,46 @@ def gated_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, s
 
 
 class KVCache:
-    """Keys and values of one attention layer, [Hkv, S, D], in a buffer that grows by doubling."""
+    """Keys and values of one attention layer, [Hkv, S, D], in a buffer that grows by doubling.
+
+    The buffer is zero-filled, so a static decode step (write_at + decode_attention) can attend over
+    all of it with the unused tail masked: masked weights are exactly 0, and 0 * 0 stays 0."""
 
     def __init__(self, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device, capacity: int = 256):
-        self.k = torch.empty(num_kv_heads, capacity, head_dim, dtype=dtype, device=device)
-        self.v = torch.empty_like(self.k)
+        self.k = torch.zeros(num_kv_heads, capacity, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
         self.length = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[1]
+
+    def reserve(self, n: int) -> None:
+        """Make room for n tokens in all (doubling; a new buffer keeps the cached part)."""
+        if n <= self.capacity:
+            return
+        cap = max(n, 2 * self.capacity)
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            new = old.new_zeros(old.shape[0], cap, old.shape[2])
+            new[:, : self.length] = old[:, : self.length]
+            setattr(self, name, new)
 
     def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Append k, v [Hkv, T, D]; return views of all cached keys and values [Hkv, S, D]."""
         end = self.length + k.shape[1]
-        if end > self.k.shape[1]:
-            cap = max(end, 2 * self.k.shape[1])
-            for name in ("k", "v"):
-                old = getattr(self, name)
-                new = old.new_empty(old.shape[0], cap, old.shape[2])
-                new[:, : self.length] = old[:, : self.length]
-                setattr(self, name, new)
+        self.reserve(end)
         self.k[:, self.length : end] = k
         self.v[:, self.length : end] = v
         self.length = end
         return self.k[:, :end], self.v[:, :end]
+
+    def write_at(self, k: Tensor, v: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
+        """Static step: write k, v [Hkv, 1, D] at the device position pos [1] (< capacity; length is
+        not changed: the caller advances it) and return the whole buffers [Hkv, capacity, D]."""
+        self.k.index_copy_(1, pos, k.to(self.k.dtype))
+        self.v.index_copy_(1, pos, v.to(self.v.dtype))
+        return self.k, self.v
 
     def clone(self) -> KVCache:
         """Independent copy holding only the used part."""
@@ -283,6 +302,20 @@ def attention(q: Tensor, k: Tensor, v: Tensor, past: int) -> Tensor:
     if t > 1:  # a single new token sees the whole cache, no mask needed
         mask = torch.arange(s, device=q.device)[None, :] <= past + torch.arange(t, device=q.device)[:, None]
     return F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, enable_gqa=True)[0]
+
+
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, pos: Tensor) -> Tensor:
+    """One query per head at device position pos [1] over whole KV buffers whose slots > pos are
+    masked (the static decode step: shapes fixed by the buffer, no host value involved).
+
+    q [Hq, 1, D]; k, v [Hkv, C, D] -> [Hq, 1, D]. Scores and softmax in fp32."""
+    hq, _, d = q.shape
+    hkv, cap = k.shape[0], k.shape[1]
+    qg = q.reshape(hkv, hq // hkv, d)  # query head h reads kv head h // (Hq/Hkv)
+    scores = torch.bmm(qg, k.mT).float() * d**-0.5  # [Hkv, G, C]
+    scores = scores.masked_fill(torch.arange(cap, device=q.device) > pos, float("-inf"))
+    out = torch.bmm(torch.softmax(scores, dim=-1).to(v.dtype), v)  # [Hkv, G, D]
+    return out.reshape(hq, 1, d)
 
 
 # ------------------------------------------------------------------------------------------ mlp

@@ -24,6 +24,7 @@ from flashmoe_pack.models.layers import (
     apply_partial_rope,
     attention,
     causal_conv1d,
+    decode_attention,
     embedding,
     gated_delta_rule,
     gated_rms_norm,
@@ -146,7 +147,10 @@ class DenseExperts:
 @dataclass
 class Qwen35MoeState:
     """Per-sequence state: KV caches of full-attention layers, conv and recurrent state of
-    linear-attention layers, and the number of tokens consumed (the next position)."""
+    linear-attention layers, and the number of tokens consumed (the next position).
+
+    forward updates every tensor in place (a captured CUDA graph replays into the same buffers),
+    so a snapshot is a full copy."""
 
     pos: int
     kv: dict[int, KVCache]
@@ -154,10 +158,22 @@ class Qwen35MoeState:
     recurrent: dict[int, Tensor]  # [Hv, Dk, Dv] fp32
 
     def clone(self) -> Qwen35MoeState:
-        """Snapshot for prefix reuse. KV caches are copied; conv/recurrent tensors are shared,
-        which is safe because forward replaces them instead of writing into them."""
+        """Independent copy (prefix reuse): KV caches, conv and recurrent tensors are all copied."""
         kv = {i: c.clone() for i, c in self.kv.items()}
-        return Qwen35MoeState(self.pos, kv, dict(self.conv), dict(self.recurrent))
+        conv = {i: t.clone() for i, t in self.conv.items()}
+        rec = {i: t.clone() for i, t in self.recurrent.items()}
+        return Qwen35MoeState(self.pos, kv, conv, rec)
+
+    def advance(self, n: int) -> None:
+        """Host bookkeeping after a static step (forward with `pos`): n more tokens consumed."""
+        self.pos += n
+        for cache in self.kv.values():
+            cache.length += n
+
+    def buffers(self) -> list[Tensor]:
+        """Every tensor a step reads and writes in place (what a captured step is bound to)."""
+        out = [t for c in self.kv.values() for t in (c.k, c.v)]
+        return out + list(self.conv.values()) + list(self.recurrent.values())
 
 
 def _get(weights: Mapping[str, Tensor], name: str) -> Tensor:
@@ -233,16 +249,24 @@ class Qwen35MoeModel:
         return Qwen35MoeState(0, kv, conv, rec)
 
     @torch.no_grad()
-    def forward(self, ids: Tensor, state: Qwen35MoeState, profiler=None, last_only: bool = False) -> Tensor:
+    def forward(self, ids: Tensor, state: Qwen35MoeState, profiler=None, last_only: bool = False,
+                pos: Tensor | None = None) -> Tensor:
         """Append tokens ids [T] to `state` (prefill, continued prefill or T=1 decode) and
         return float32 logits [T, vocab]. `profiler.section(name, layer)` times the parts;
-        layer -1 is the embedding and the head."""
+        layer -1 is the embedding and the head.
+
+        `pos`: the static decode step that a CUDA graph can capture (engine/cuda_graph.py): a device
+        tensor [1] holding state.pos, T = 1, KV caches with room for the token (KVCache.reserve).
+        Nothing on the host changes and nothing syncs; the caller then calls state.advance(1)."""
         c = self.config
         section = profiler.section if profiler is not None else _no_section
         ids = ids.to(self.device)
+        if pos is not None and ids.shape[0] != 1:
+            raise ValueError(f"a static step (pos given) takes one token, got {ids.shape[0]}")
         with section("other", -1):
             x = embedding(ids, self.embed, self.dtype)  # [T, H]
-            positions = torch.arange(state.pos, state.pos + ids.shape[0], device=self.device)
+            positions = pos if pos is not None else torch.arange(state.pos, state.pos + ids.shape[0],
+                                                                 device=self.device)
             cos, sin = rope_cos_sin(positions, self.inv_freq, self.dtype)  # [T, rotary_dim]
         for i, (kind, w) in enumerate(zip(c.layer_types, self.layers)):
             with section("other", i):
@@ -252,7 +276,7 @@ class Qwen35MoeModel:
                     h = self._linear_attn(i, w, h, state)
             else:
                 with section("full_attn", i):
-                    h = self._full_attn(i, w, h, cos, sin, state)
+                    h = self._full_attn(i, w, h, cos, sin, state, pos)
             with section("other", i):
                 x = x + h
                 h = rms_norm(x, w["post_attention_layernorm.weight"], c.rms_norm_eps)  # [T, H]
@@ -267,7 +291,8 @@ class Qwen35MoeModel:
                 shared = swiglu(h, *(w[f"mlp.shared_expert.{p}_proj.weight"] for p in ("gate", "up", "down")))
                 shared = torch.sigmoid(linear(h, w["mlp.shared_expert_gate.weight"])) * shared
                 x = x + (routed + shared)
-        state.pos += ids.shape[0]
+        if pos is None:
+            state.pos += ids.shape[0]
         with section("other", -1):
             if last_only:  # generation needs one row: skip T-1 rows of the [T, vocab] head
                 x = x[-1:]
@@ -283,20 +308,22 @@ class Qwen35MoeModel:
         z = linear(x, w["linear_attn.in_proj_z.weight"]).view(t, hv, dv)  # output gate
         b = linear(x, w["linear_attn.in_proj_b.weight"])  # [T, hv]
         a = linear(x, w["linear_attn.in_proj_a.weight"])  # [T, hv]
-        qkv, state.conv[i] = causal_conv1d(qkv, w["linear_attn.conv1d.weight"].squeeze(1), state.conv[i])
+        qkv, conv = causal_conv1d(qkv, w["linear_attn.conv1d.weight"].squeeze(1), state.conv[i])
+        state.conv[i].copy_(conv)
         qkv = F.silu(qkv)
         q, k, v = qkv.split([hk * dk, hk * dk, hv * dv], dim=-1)
         beta = torch.sigmoid(b)  # [T, hv] write strength
         # log decay g <= 0 [T, hv], in fp32 because exp(A_log) can overflow half precision
         g = -w["linear_attn.A_log"].float().exp() * F.softplus(a.float() + w["linear_attn.dt_bias"])
-        core, state.recurrent[i] = gated_delta_rule(
+        core, rec = gated_delta_rule(
             q.view(t, hk, dk), k.view(t, hk, dk), v.view(t, hv, dv), g, beta, state.recurrent[i]
         )  # [T, hv, dv] fp32
+        state.recurrent[i].copy_(rec)
         core = gated_rms_norm(core.to(x.dtype), z, w["linear_attn.norm.weight"], c.rms_norm_eps)
         return linear(core.reshape(t, hv * dv), w["linear_attn.out_proj.weight"])  # [T, H]
 
     def _full_attn(self, i: int, w: dict[str, Tensor], x: Tensor, cos: Tensor, sin: Tensor,
-                   state: Qwen35MoeState) -> Tensor:
+                   state: Qwen35MoeState, pos: Tensor | None = None) -> Tensor:
         """Gated GQA: per-head q/k RMSNorm, partial RoPE, causal attention, sigmoid output gate."""
         c, t, d = self.config, x.shape[0], self.config.head_dim
         hq, hkv = c.num_attention_heads, c.num_key_value_heads
@@ -311,8 +338,12 @@ class Qwen35MoeModel:
         v = proj("v_proj", x).view(t, hkv, d)
         q, k = apply_partial_rope(q, cos, sin), apply_partial_rope(k, cos, sin)
         cache = state.kv[i]
-        past = cache.length
-        keys, values = cache.append(k.transpose(0, 1), v.transpose(0, 1))  # [hkv, S, D]
-        o = attention(q.transpose(0, 1), keys, values, past)  # [hq, T, D]
+        if pos is None:
+            past = cache.length
+            keys, values = cache.append(k.transpose(0, 1), v.transpose(0, 1))  # [hkv, S, D]
+            o = attention(q.transpose(0, 1), keys, values, past)  # [hq, T, D]
+        else:  # static step: write at pos, attend over the whole buffer with positions > pos masked
+            keys, values = cache.write_at(k.transpose(0, 1), v.transpose(0, 1), pos)  # [hkv, capacity, D]
+            o = decode_attention(q.transpose(0, 1), keys, values, pos)  # [hq, 1, D]
         o = o.transpose(0, 1).reshape(t, hq * d) * torch.sigmoid(gate.reshape(t, hq * d))
         return proj("o_proj", o)  # [T, H]
