@@ -89,6 +89,66 @@ def test_tiers_follow_the_simulator(packed4, policy, exclusive):
     c.close()
 
 
+class FakeEvent:
+    """A CUDA event on CPU tensors, where copies are done when issued; query() says "not yet" every other
+    time, so the cache's "finish what is ready" path runs both ways."""
+
+    calls = 0
+
+    def record(self, stream=None):
+        self.recorded = True
+
+    def synchronize(self):
+        assert self.recorded
+
+    def query(self):
+        FakeEvent.calls += 1
+        return FakeEvent.calls % 2 == 0
+
+
+class FakeStream:
+    def __init__(self):
+        self.waited: list = []
+
+    def wait_stream(self, other):
+        pass
+
+    def wait_event(self, ev):
+        assert ev.recorded
+        self.waited.append(ev)
+
+    def synchronize(self):
+        pass
+
+
+@pytest.mark.skipif(CUDA, reason="the real streams run in the other tests on CUDA")
+@pytest.mark.parametrize("staging", [1, 3])
+def test_stream_path_bookkeeping(packed4, monkeypatch, staging):
+    """The CUDA code path (staging ring shared by copies in and out, records moving down through pinned
+    buffers, per-slot waits) with stand-in streams and events on CPU: a staging buffer reused before its
+    record reached the host tier would hand over the wrong bytes and fail the check on the way down; the
+    host tier's order must still be the simulator's; every upload into an evicted slot waits for its copy out."""
+    import contextlib
+
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: FakeStream())
+    ix = load_index(packed4)
+    c = cache(ix, slots=5, host=6, policy="lru", exclusive=True, staging=staging)
+    c.side, c.down = FakeStream(), FakeStream()
+    t = trace(ix, 120, seed=2) + [(layer, list(range(5))) for layer in (0, 1, 2)]  # 5 victims in one batch
+    for layer, experts in t:
+        c.slots(layer, experts)
+        assert not set(c._where) & set(c.host._cache) and not any(c._stage_down) and not c._slot_out
+    sim = simulate_tiers("lru", [[(layer, e) for e in experts] for layer, experts in t], 5, 6, True)
+    v, h = c.tier_stats()["vram"], c.tier_stats()["host"]
+    assert (v["hits"], h["hits"], v["demotions"]) == (sim["vram_hits"], sim["host_hits"], sim["demotions"])
+    assert len(c.side.waited) == v["demotions"] > 0
+    for (layer, e), slot in c._where.items():
+        assert torch.equal(c.pool[slot, : c.record_bytes], read_record(ix, layer, e))
+    c.close()
+
+
 def test_demoted_record_is_the_checked_record(packed4):
     """(ii) A record evicted from VRAM moves down with the bytes read from disk, comes back up from host RAM
     without a disk read, and a slot whose bytes went wrong fails its check on the way down (naming it)."""

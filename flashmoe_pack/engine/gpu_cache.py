@@ -316,6 +316,7 @@ class GpuExpertCache:
                          for _ in range(max(1, staging))]
         self._stage_events: list = [None] * len(self._staging)  # the last copy into or out of each buffer
         self._stage_down: list = [None] * len(self._staging)  # key of a record moving down through it
+        self._slot_out: dict[int, object] = {}  # slot -> event of the copy out of it (this batch's victims)
         self._next_stage = 0
 
     @property
@@ -473,12 +474,15 @@ class GpuExpertCache:
             for e, w in itertools.chain([first], records):
                 self._copy(_record(w, self.record_bytes), slots[e])
                 done.append(e)
+                if demote:  # while the next reads are in flight
+                    self._finish_demotions(ready_only=True)
         except BaseException:
             self._free_slots += [slots[e] for e in experts]  # nothing of a failed batch is cached
             raise
         finally:
             records.close()
             self._finish_demotions()  # none pending after a batch: a key is never in both tiers
+            self._slot_out.clear()
         self._resident = None
         for e in done:
             self._where[(layer, e)] = slots[e]
@@ -511,6 +515,9 @@ class GpuExpertCache:
             b = self._stage()
             stage = self._staging[b]
             stage.copy_(src)
+            out = self._slot_out.pop(slot, None)
+            if out is not None:  # the slot's previous record is being copied out: overwrite it after that
+                self.side.wait_event(out)
             with torch.cuda.stream(self.side):
                 self.pool[slot, : self.record_bytes].copy_(stage, non_blocking=True)
                 ev = torch.cuda.Event()
@@ -520,8 +527,9 @@ class GpuExpertCache:
 
     def _demote(self, victims: list) -> None:
         """Exclusive: evicted records (key, slot) move down into the host tier before their slots are
-        overwritten. CUDA: slot -> pinned staging on the down stream (an event per copy; the side
-        stream's uploads wait for them); the host tier gets them in _stage / _finish_demotions."""
+        overwritten. CUDA: slot -> pinned staging on the down stream (an event per copy; the upload
+        into the slot waits for it on the side stream, nothing else does); the host tier gets them in
+        _stage / _finish_demotions."""
         if self.side is None:
             for key, slot in victims:
                 self._put_down(key, self.pool[slot, : self.record_bytes])
@@ -533,14 +541,17 @@ class GpuExpertCache:
                 ev = torch.cuda.Event()
                 ev.record(self.down)
             self._stage_events[b], self._stage_down[b] = ev, key
-        self.side.wait_stream(self.down)  # uploads into these slots start after the copies out
+            self._slot_out[slot] = ev
 
-    def _finish_demotions(self) -> None:
-        """Every record still moving down reaches the host tier (oldest first: the LRU order is the eviction order)."""
+    def _finish_demotions(self, ready_only: bool = False) -> None:
+        """Records moving down reach the host tier, oldest first (the host LRU order is the eviction order;
+        the ring hands buffers out in that order): all of them, or (ready_only) those whose copy is done."""
         n = len(self._staging)
         for i in range(n):
             b = (self._next_stage + i) % n
             if self._stage_down[b] is not None:
+                if ready_only and not self._stage_events[b].query():
+                    return
                 w0 = time.perf_counter()
                 self._stage_events[b].synchronize()
                 self.tier.stage_wait_seconds += time.perf_counter() - w0
