@@ -38,6 +38,7 @@ import re
 import resource
 import shutil
 import struct
+import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -257,6 +258,8 @@ def export(pack: Path, out: Path, layers: int | None = None, dtype: str = "bfloa
         write_header(out / shard[0].file, shard)
         fds[shard[0].file] = os.open(out / shard[0].file, os.O_WRONLY)
     e = index.num_experts
+    if jobs > 1:
+        torch.set_num_threads(1)  # the parallelism is the workers; intra-op threads on top oversubscribe
     bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"export {dtype}", disable=not progress)
     handles: dict = {}
     try:
@@ -466,6 +469,58 @@ def run(hf_dir: Path, ks: list[int], prompt: int = 512, tokens: int = 8, device:
     return res
 
 
+def _bench_cuda():
+    """scripts/bench_cuda.py as a module, for its cgroup v2 and page-cache helpers (one copy of them)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_fmp_bench_cuda", Path(__file__).with_name("bench_cuda.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def run_children(a) -> dict:
+    """One fresh process per K (as bench_cuda runs every engine): optionally after dropping the page cache
+    (--drop-caches) and inside a cgroup v2 group whose memory.max (--mem-limit) also caps the page cache."""
+    bc = _bench_cuda()
+    limited = False
+    if a.mem_limit:
+        err = bc.setup_cgroup(int(a.mem_limit))
+        if err:
+            sys.exit(f"bench_transformers: --mem-limit: {err}")
+        limited = True
+    res: dict = {}
+    runs = []
+    for k in a.k:
+        cmd = [sys.executable, str(Path(__file__).resolve()), "run", str(a.model), "--k", str(k), "--prompt",
+               str(a.prompt), "--tokens", str(a.tokens), "--time-cap", str(a.time_cap), "--device", a.device,
+               "--seed", str(a.seed)]
+        for flag, v in (("--max-gpu", a.max_gpu), ("--max-cpu", a.max_cpu), ("--offload-folder", a.offload_folder)):
+            if v is not None:
+                cmd += [flag, str(v)]
+        dropped = bc.drop_caches() if a.drop_caches else False
+        t0 = time.perf_counter()
+        p = subprocess.run(bc.in_cgroup(cmd, limited), capture_output=True, text=True, timeout=a.timeout)
+        extra = {"caches_dropped": dropped, "mem_limit": int(a.mem_limit) if a.mem_limit else None,
+                 "process_s": time.perf_counter() - t0}
+        if limited:
+            extra["cgroup_peak_bytes"] = bc.cgroup_peak()  # memory.peak: since the group was made
+            try:
+                extra["cgroup_events"] = dict(ln.split() for ln in (bc.CG / "memory.events").read_text().splitlines())
+            except OSError:
+                pass
+        if p.returncode != 0:
+            print(p.stderr[-3000:], file=sys.stderr)
+            runs.append({"engine": ENGINE, "K": k, "error": f"rc {p.returncode}" + (
+                " (killed: out of memory under --mem-limit?)" if p.returncode in (-9, 137) else ""),
+                "stderr": p.stderr[-1500:], **extra})
+            continue
+        child = json.loads(p.stdout.strip().splitlines()[-1])
+        res = res or {x: v for x, v in child.items() if x not in ("runs", "max_rss_kb")}
+        runs.append({**child["runs"][0], "max_rss_kb": child["max_rss_kb"], **extra})
+    return {"engine": ENGINE, "model": str(a.model), **res, "runs": runs}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -490,13 +545,23 @@ def main(argv=None):
     rn.add_argument("--offload-folder", type=Path, default=None)
     rn.add_argument("--seed", type=int, default=0)
     rn.add_argument("--json", type=Path, default=None, help="also write the result here")
+    rn.add_argument("--mem-limit", type=parse_bytes, default=None,
+                    help="run each K in a cgroup v2 group with this memory.max (page cache included; root)")
+    rn.add_argument("--drop-caches", action="store_true", help="drop the page cache before each K (root)")
+    rn.add_argument("--fresh-process", action="store_true",
+                    help="one process per K (implied by --mem-limit and --drop-caches)")
+    rn.add_argument("--timeout", type=int, default=600, help="seconds per K process")
     a = ap.parse_args(argv)
     if a.cmd == "export":
         out = export(a.pack, a.out, a.layers, a.dtype, a.shard_size, a.jobs, a.overwrite)
         size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
         print(json.dumps({"export": str(out), "bytes": size, "layers": a.layers, "dtype": a.dtype}))
         return
-    res = run(a.model, a.k, a.prompt, a.tokens, a.device, a.max_gpu, a.max_cpu, a.offload_folder, a.time_cap, a.seed)
+    if a.mem_limit or a.drop_caches or a.fresh_process:
+        res = run_children(a)
+    else:
+        res = run(a.model, a.k, a.prompt, a.tokens, a.device, a.max_gpu, a.max_cpu, a.offload_folder, a.time_cap,
+                  a.seed)
     if a.json:
         a.json.write_text(json.dumps(res, indent=1))
     print(json.dumps(res))

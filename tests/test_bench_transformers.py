@@ -120,6 +120,10 @@ def test_run_on_cpu_with_disk_offload(packed4, hf_bf16, tmp_path, capsys):
     whole = bt.run(two, [1], prompt=12, tokens=3, device="cpu", max_cpu=1e9)["runs"][0]
     assert whole["bytes_disk"] == 0 and whole["bytes_cpu"] == res["runs"][1]["bytes_cpu"] + res["runs"][1]["bytes_disk"]
     assert whole["generated"] == res["runs"][1]["generated"]
+    bt.main(["run", str(two), "--device", "cpu", "--k", "1", "--prompt", "12", "--tokens", "3", "--max-cpu", "1e9",
+             "--fresh-process"])  # the path --mem-limit / --drop-caches take: a child process per K
+    child = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["runs"]
+    assert len(child) == 1 and child[0]["generated"] == whole["generated"] and child[0]["max_rss_kb"] > 0
     capped = bt.run(two, [2], prompt=12, tokens=50, device="cpu", max_cpu=1e9, cap_s=0.0)["runs"][0]
     assert capped["time_capped"] and capped["tokens"] == 0 and len(capped["generated"]) == 1  # first token only
 
