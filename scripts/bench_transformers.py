@@ -1,8 +1,9 @@
 """transformers + accelerate offload: the naive baseline of the CUDA benchmark, on our engine's weights.
 
-    python scripts/bench_transformers.py export PACK HF_DIR [--layers N] [--dtype bfloat16] [--jobs 8]
-    python scripts/bench_transformers.py run HF_DIR --k 10 4 --prompt 512 --tokens 8 --device cuda \
-        --max-gpu 4.1e9 --max-cpu auto [--time-cap 150] [--json OUT.json]
+    python scripts/bench_transformers.py export PACK HF_DIR [--layers N] [--dtype bfloat16] [--jobs 16]
+    python scripts/bench_transformers.py run HF_DIR --k 10 4 [--prompt 512] [--tokens 8] [--time-cap 120] \
+        [--device cuda|cpu] [--max-gpu BYTES] [--max-cpu BYTES|auto] [--mem-limit BYTES] [--drop-caches] \
+        [--fresh-process] [--json OUT.json]
 
 `export` writes a transformers checkpoint (config.json for Qwen3_5MoeForCausalLM, safetensors shards, an
 index) from a flashmoe-pack model: every expert dequantized with flashmoe_pack.quant.dequantize (so the
@@ -13,18 +14,21 @@ These are the names of the model's own parameters, so accelerate's disk offload 
 (no second copy in the offload folder). It streams: one expert per worker in memory, written in place at
 its offset (a shard's header is written first). Shards hold at most --shard-size bytes, except a tensor
 larger than that, which gets a shard of its own (as save_pretrained does): a 397B-geometry gate_up_proj
-is 8.6 GB. `--layers N` keeps the first N layers: bf16 is ~3.4x the 4-bit pack (397B geometry: 12.9 GB
-of experts per layer + 4.1 GB of embedding and head).
+is 8.6 GB. `--layers N` keeps the first N layers: bf16 experts are 3.2x the 4-bit records (397B geometry: 12.9 GB
+of experts per layer + 4.1 GB of embedding and head + ~0.27 GB of other weights per layer).
 
 `run` loads the checkpoint with transformers (dtype bf16, device_map="auto", max_memory {0: --max-gpu,
-"cpu": --max-cpu}, offload_folder for the rest: accelerate fills the GPU, then the CPU, then the disk,
-keeping room for the largest decoder layer on the GPU and on the CPU) once per K (num_experts_per_tok
-overridden at load), then decodes greedily with the model's cache (use_cache=True; the forward in a loop,
-as generate does: see decode_loop for why not generate itself) from a random prompt of --prompt ids:
-TTFT = prompt in to the first new token, decode tok/s over the tokens after it. Decode stops after
---tokens or at the first token that ends more than --time-cap s after the prompt went in (offloaded
-layers are read whole from disk for every token: slow by design). One JSON object on the last stdout line.
-`--device cpu` runs the same on the CPU (max_memory {"cpu": ...} and disk), as the tests do.
+"cpu": --max-cpu}, offload_folder for the rest: accelerate fills the GPU, then the CPU, then the disk, in
+module order and never back, keeping room for the largest decoder layer on the GPU and on the CPU) once per
+K (num_experts_per_tok overridden at load), then decodes greedily with the model's cache (use_cache=True;
+the forward in a loop, as generate does: decode_loop says why not generate itself) from a random prompt
+of --prompt ids: TTFT = prompt in to the first new token, decode tok/s over the tokens after it. No new
+decode step starts after --tokens steps or once --time-cap s have passed since the prompt went in (on
+the GPU an offloaded layer is copied whole from RAM or disk for every token: slow by design; the JSON
+says how many tokens were timed and whether the cap cut them). One JSON object on the last stdout line.
+--mem-limit (a cgroup v2 memory.max that also caps the page cache), --drop-caches and --fresh-process run
+each K in a fresh process, as bench_cuda.py runs every engine. `--device cpu` runs the same on the CPU
+(max_memory {"cpu": ...} and disk), as the tests do.
 """
 
 from __future__ import annotations
@@ -48,10 +52,12 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from flashmoe_pack.pack import format as fmt
-from flashmoe_pack.pack import load_index
-from flashmoe_pack.pack.reader import decode_record, read_record
-from flashmoe_pack.quant import QTensor, dequantize
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from flashmoe_pack.pack import format as fmt  # noqa: E402
+from flashmoe_pack.pack import load_index  # noqa: E402
+from flashmoe_pack.pack.reader import decode_record, read_record  # noqa: E402
+from flashmoe_pack.quant import QTensor, dequantize  # noqa: E402
 
 ENGINE = "transformers+accelerate"
 CLASS_NAME = "Qwen3_5MoeForCausalLM"
@@ -326,6 +332,18 @@ def auto_cpu_budget() -> tuple[int, str]:
     return b, f"auto: available {mem.available / 2**30:.2f} GiB ({mem.source}) - reserve {reserve / 2**30:.2f} GiB"
 
 
+def read_bytes() -> int | None:
+    """Bytes this process caused to be read from storage (/proc/self/io; page faults on the mapped
+    safetensors included), None where that file does not exist."""
+    try:
+        for ln in Path("/proc/self/io").read_text().splitlines():
+            if ln.startswith("read_bytes:"):
+                return int(ln.split()[1])
+    except OSError:
+        pass
+    return None
+
+
 def placement(model) -> dict:
     """Bytes of parameters per device of the loaded model's hf_device_map (gpu / cpu / disk)."""
     dmap = getattr(model, "hf_device_map", None) or {"": "cpu"}
@@ -339,10 +357,12 @@ def placement(model) -> dict:
 
 
 @torch.inference_mode()
-def decode_loop(model, ids: torch.Tensor, tokens: int, cap_s: float, sync) -> tuple[list[float], list[int]]:
+def decode_loop(model, ids: torch.Tensor, tokens: int, cap_s: float, sync, io: list | None = None
+                ) -> tuple[list[float], list[int]]:
     """Greedy decoding through the model's forward and its cache (what generate does, minus its checks):
     returns the start time and one timestamp per new token, and the tokens. Stops after `tokens` decode
-    steps, or at the first step that ends more than cap_s after the start.
+    steps, or at the first step that ends more than cap_s after the start. `io` (a list) receives
+    read_bytes() at the start, after the first token and at the end.
 
     Not generate(): transformers builds a causal mask from the cache's length, which it cannot tell when
     no layer is full attention (a 397B-geometry export of fewer than 4 layers): get_seq_length raises.
@@ -350,12 +370,15 @@ def decode_loop(model, ids: torch.Tensor, tokens: int, cap_s: float, sync) -> tu
     cfg = model.config
     mask = None if "full_attention" in (cfg.layer_types or []) else {"full_attention": None, "linear_attention": None}
     p = ids.shape[1]
+    io = io if io is not None else []
     sync()
+    io.append(read_bytes())
     stamps = [time.perf_counter()]
     out = model(ids, attention_mask=mask, position_ids=torch.arange(p, device=ids.device)[None], use_cache=True,
                 logits_to_keep=1)
     gen = [int(out.logits[0, -1].argmax())]  # .item(): the device sync that ends each step
     stamps.append(time.perf_counter())
+    io.append(read_bytes())
     # transformers 5.24 renamed forward's past_key_values to cache (the old name still works, with a warning)
     kw = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
     cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
@@ -369,6 +392,7 @@ def decode_loop(model, ids: torch.Tensor, tokens: int, cap_s: float, sync) -> tu
         sync()
         stamps.append(time.perf_counter())
         cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+    io.append(read_bytes())
     return stamps, gen
 
 
@@ -393,7 +417,8 @@ def run_one(hf_dir: Path, k: int, prompt: int, tokens: int, device: str, max_mem
     g = torch.Generator().manual_seed(seed + k)
     dev = "cuda:0" if cuda else "cpu"  # accelerate's hooks move activations between devices
     ids = torch.randint(0, model.config.vocab_size, (1, prompt), generator=g).to(dev)
-    stamps, gen = decode_loop(model, ids, tokens, cap_s, sync)
+    io: list = []
+    stamps, gen = decode_loop(model, ids, tokens, cap_s, sync, io)
     n = len(stamps) - 2  # decode tokens: after the first
     t_start = stamps[0]
     st = stamps[1:]
@@ -408,6 +433,9 @@ def run_one(hf_dir: Path, k: int, prompt: int, tokens: int, device: str, max_mem
         "experts_implementation": getattr(model.config, "_experts_implementation", None),
         "attn_implementation": getattr(model.config, "_attn_implementation", None),
         "generated": gen,
+        "prefill_disk_bytes": io[1] - io[0] if None not in io else None,
+        "disk_bytes_per_tok": (io[2] - io[1]) / n if None not in io and n > 0 else None,
+        "disk_GB_s": (io[2] - io[1]) / (st[-1] - st[0]) / 1e9 if None not in io and n > 0 and st[-1] > st[0] else None,
         "offload_folder_bytes": sum(f.stat().st_size for f in offload.rglob("*") if f.is_file()),
     }
     if cuda:
@@ -427,7 +455,7 @@ def _summary(dmap: dict) -> dict:
 
 def run(hf_dir: Path, ks: list[int], prompt: int = 512, tokens: int = 8, device: str = "cuda",
         max_gpu: float | None = None, max_cpu: float | None = None, offload: Path | None = None,
-        cap_s: float = 150.0, seed: int = 0) -> dict:
+        cap_s: float = 120.0, seed: int = 0) -> dict:
     """run_one for each K; the result (one JSON-able dict) has the versions, budgets and every run."""
     import transformers
 
@@ -537,7 +565,8 @@ def main(argv=None):
     rn.add_argument("--k", type=int, nargs="+", default=[10, 4])
     rn.add_argument("--prompt", type=int, default=512)
     rn.add_argument("--tokens", type=int, default=8, help="decode tokens at most (after the first)")
-    rn.add_argument("--time-cap", type=float, default=150.0, help="stop decoding this many s after the prompt")
+    rn.add_argument("--time-cap", type=float, default=120.0,
+                    help="no new decode step once this many s have passed since the prompt went in")
     rn.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     rn.add_argument("--max-gpu", type=parse_bytes, default=None,
                     help="bytes of weights on GPU 0 (default: free - 2 GiB)")
