@@ -459,16 +459,16 @@ def run(hf_dir: Path, ks: list[int], prompt: int = 512, tokens: int = 8, device:
     """run_one for each K; the result (one JSON-able dict) has the versions, budgets and every run."""
     import transformers
 
+    hf_dir = Path(hf_dir)
+    if not (hf_dir / "config.json").is_file():
+        sys.exit(f"bench_transformers: {hf_dir / 'config.json'} missing: not an exported checkpoint "
+                 "(run the export command first)")
     model_class()
     try:
         import accelerate
     except ImportError:
         sys.exit("bench_transformers: accelerate is not installed (device_map offload needs it): pip install "
                  "accelerate")
-    hf_dir = Path(hf_dir)
-    if not (hf_dir / "config.json").is_file():
-        sys.exit(f"bench_transformers: {hf_dir / 'config.json'} missing: not an exported checkpoint "
-                 "(run the export command first)")
     if device == "cuda" and not torch.cuda.is_available():
         sys.exit("bench_transformers: --device cuda but torch.cuda.is_available() is False")
     cpu_how = "given"

@@ -16,7 +16,6 @@ from flashmoe_pack.pack.reader import decode_record, read_record
 from flashmoe_pack.quant import dequantize
 from flashmoe_pack.verify import compare_logits
 
-pytest.importorskip("accelerate")  # a test dependency of this script (device_map offload)
 bt = load_script("bench_transformers")
 PROMPTS = [list(range(3, 9)), [7, 1, 200, 45, 9, 9, 31, 100, 2, 255, 17], list(range(20, 100))]
 
@@ -104,6 +103,7 @@ def test_run_on_cpu_with_disk_offload(packed4, hf_bf16, tmp_path, capsys):
     """`run` through the CLI: JSON on the last stdout line with the keys bench_cuda reads; with a RAM
     budget smaller than the model most weights go to disk, read where the export put them (the offload
     folder stays empty), and the greedy tokens equal those of the same K held wholly in RAM."""
+    pytest.importorskip("accelerate")  # device_map offload needs it: a test dependency of this script
     two = bt.export(packed4, tmp_path / "two", layers=2, progress=False)  # --layers: a valid 2-layer model
     assert json.loads((two / "config.json").read_text())["layer_types"] == ["linear_attention"] * 2
     bt.main(["run", str(two), "--device", "cpu", "--k", "2", "1", "--prompt", "12", "--tokens", "3",
