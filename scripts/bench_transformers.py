@@ -250,20 +250,22 @@ def export(pack: Path, out: Path, layers: int | None = None, dtype: str = "bfloa
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} is not empty (--overwrite to replace its checkpoint)")
     out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").unlink(missing_ok=True)  # first: a directory with config.json is a finished export
+    for old in out.glob("*.safetensors"):
+        old.unlink()
+    (out / "model.safetensors.index.json").unlink(missing_ok=True)
     total = sum(p.nbytes for p in plan)
     free = shutil.disk_usage(out).free
     if total + (1 << 30) > free:
         raise OSError(f"{out}: the export needs {total / 1e9:.1f} GB + 1 GiB margin, {free / 1e9:.1f} GB free "
                       f"(--layers fewer than {layers}?)")
-    for old in out.glob("*.safetensors"):
-        old.unlink()
-    (out / "model.safetensors.index.json").unlink(missing_ok=True)
     shards = assign_shards(plan, int(shard_size))
     fds = {}
     for shard in shards:
         write_header(out / shard[0].file, shard)
         fds[shard[0].file] = os.open(out / shard[0].file, os.O_WRONLY)
     e = index.num_experts
+    threads = torch.get_num_threads()
     if jobs > 1:
         torch.set_num_threads(1)  # the parallelism is the workers; intra-op threads on top oversubscribe
     bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"export {dtype}", disable=not progress)
@@ -289,9 +291,10 @@ def export(pack: Path, out: Path, layers: int | None = None, dtype: str = "bfloa
                     _pwrite(fds[dn.file], b, dn.offset + x * b.numel() * dt.itemsize)
                     return a.numel() * dt.itemsize + b.numel() * dt.itemsize
 
-                for n in pool.map(one, range(e)):  # map keeps at most ~jobs experts alive ahead of the writes
+                for n in pool.map(one, range(e)):  # a worker holds one expert: its writes are in the task
                     bar.update(n)
     finally:
+        torch.set_num_threads(threads)
         bar.close()
         for fd in fds.values():
             os.close(fd)
