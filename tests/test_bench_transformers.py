@@ -128,11 +128,14 @@ def test_run_on_cpu_with_disk_offload(packed4, hf_bf16, tmp_path, capsys):
     assert capped["time_capped"] and capped["tokens"] == 0 and len(capped["generated"]) == 1  # first token only
 
 
-def test_bad_input(packed4, hf_bf16, tmp_path):
+def test_bad_input(packed4, hf_bf16, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"index\.json: --layers 9 not in 1\.\.4"):
         bt.export(packed4, tmp_path / "x", layers=9, progress=False)
     with pytest.raises(FileExistsError, match="not empty"):
         bt.export(packed4, hf_bf16, progress=False)
     with pytest.raises(SystemExit, match="config.json missing"):
         bt.run(tmp_path, [2], device="cpu", max_cpu=1e9)
+    monkeypatch.setattr(bt, "CLASS_NAME", "Qwen9MoeForCausalLM")  # a transformers without the class
+    with pytest.raises(SystemExit, match=r"transformers 5\.\d+\.\d+\S* has no Qwen9MoeForCausalLM"):
+        bt.run(hf_bf16, [2], device="cpu", max_cpu=1e9)
     assert bt.parse_bytes("12GiB") == 12 * 2**30 and bt.parse_bytes("4.1e9") == 4.1e9 and bt.parse_bytes("auto") is None
