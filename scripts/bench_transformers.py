@@ -2,8 +2,8 @@
 
     python scripts/bench_transformers.py export PACK HF_DIR [--layers N] [--dtype bfloat16] [--jobs 16]
     python scripts/bench_transformers.py run HF_DIR --k 10 4 [--prompt 512] [--tokens 8] [--time-cap 120] \
-        [--device cuda|cpu] [--max-gpu BYTES] [--max-cpu BYTES|auto] [--mem-limit BYTES] [--drop-caches] \
-        [--fresh-process] [--json OUT.json]
+        [--device cuda|cpu] [--max-gpu BYTES | --vram-experts BYTES] [--max-cpu BYTES|auto] \
+        [--mem-limit BYTES] [--drop-caches] [--fresh-process] [--json OUT.json]
 
 `export` writes a transformers checkpoint (config.json for Qwen3_5MoeForCausalLM, safetensors shards, an
 index) from a flashmoe-pack model: every expert dequantized with flashmoe_pack.quant.dequantize (so the
@@ -456,10 +456,27 @@ def _summary(dmap: dict) -> dict:
     return out
 
 
+def non_expert_bytes(hf_dir: Path) -> int:
+    """Bytes of every tensor but the routed experts, in bf16 (what the model holds them in): flashmoe-pack's
+    resident weights, which it keeps in VRAM next to its expert slots."""
+    total = 0
+    for f in sorted(Path(hf_dir).glob("*.safetensors")):
+        with safe_open(f, "pt") as st:
+            for name in st.keys():
+                if ".mlp.experts." not in name:
+                    n = 2
+                    for d in st.get_slice(name).get_shape():
+                        n *= d
+                    total += n
+    return total
+
+
 def run(hf_dir: Path, ks: list[int], prompt: int = 512, tokens: int = 8, device: str = "cuda",
         max_gpu: float | None = None, max_cpu: float | None = None, offload: Path | None = None,
-        cap_s: float = 120.0, seed: int = 0) -> dict:
-    """run_one for each K; the result (one JSON-able dict) has the versions, budgets and every run."""
+        cap_s: float = 120.0, seed: int = 0, vram_experts: float | None = None) -> dict:
+    """run_one for each K; the result (one JSON-able dict) has the versions, budgets and every run.
+    vram_experts (instead of max_gpu): flashmoe-pack's VRAM expert budget; GPU 0 then gets that plus the
+    non-expert weights, the VRAM flashmoe-pack's weights take under the same budget."""
     import transformers
 
     hf_dir = Path(hf_dir)
@@ -478,8 +495,16 @@ def run(hf_dir: Path, ks: list[int], prompt: int = 512, tokens: int = 8, device:
     if max_cpu is None:
         max_cpu, cpu_how = auto_cpu_budget()
     max_memory: dict = {"cpu": int(max_cpu)}
+    gpu_how = "given"
     if device == "cuda":
+        if vram_experts is not None:
+            if max_gpu is not None:
+                sys.exit("bench_transformers: give --max-gpu or --vram-experts, not both")
+            resident = non_expert_bytes(hf_dir)
+            max_gpu = resident + vram_experts
+            gpu_how = f"--vram-experts {vram_experts:.4g} + non-expert weights {resident:.4g}"
         if max_gpu is None:
+            gpu_how = "free VRAM - 2 GiB"
             free, _ = torch.cuda.mem_get_info()
             max_gpu = free - (2 << 30)
         max_memory = {0: int(max_gpu), "cpu": int(max_cpu)}
@@ -490,7 +515,8 @@ def run(hf_dir: Path, ks: list[int], prompt: int = 512, tokens: int = 8, device:
     res = {"engine": ENGINE, "model": str(hf_dir), "layers": cfg.get("num_hidden_layers"), "device": device,
            "transformers": transformers.__version__, "accelerate": accelerate.__version__,
            "torch": torch.__version__, "max_memory": {str(d): v for d, v in max_memory.items()},
-           "max_cpu_how": cpu_how, "checkpoint_bytes": sum(f.stat().st_size for f in hf_dir.glob("*.safetensors")),
+           "max_cpu_how": cpu_how, "max_gpu_how": gpu_how if device == "cuda" else None,
+           "checkpoint_bytes": sum(f.stat().st_size for f in hf_dir.glob("*.safetensors")),
            "runs": []}
     for k in ks:
         r = run_one(hf_dir, k, prompt, tokens, device, max_memory, offload, cap_s, seed)
@@ -526,7 +552,8 @@ def run_children(a) -> dict:
         cmd = [sys.executable, str(Path(__file__).resolve()), "run", str(a.model), "--k", str(k), "--prompt",
                str(a.prompt), "--tokens", str(a.tokens), "--time-cap", str(a.time_cap), "--device", a.device,
                "--seed", str(a.seed)]
-        for flag, v in (("--max-gpu", a.max_gpu), ("--max-cpu", a.max_cpu), ("--offload-folder", a.offload_folder)):
+        for flag, v in (("--max-gpu", a.max_gpu), ("--max-cpu", a.max_cpu), ("--offload-folder", a.offload_folder),
+                        ("--vram-experts", a.vram_experts)):
             if v is not None:
                 cmd += [flag, str(v)]
         dropped = bc.drop_caches() if a.drop_caches else False
@@ -573,6 +600,9 @@ def main(argv=None):
     rn.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     rn.add_argument("--max-gpu", type=parse_bytes, default=None,
                     help="bytes of weights on GPU 0 (default: free - 2 GiB)")
+    rn.add_argument("--vram-experts", type=parse_bytes, default=None,
+                    help="instead of --max-gpu: flashmoe-pack's VRAM expert budget; GPU 0 gets it + the non-expert "
+                    "weights")
     rn.add_argument("--max-cpu", type=parse_bytes, default=None, help="bytes of weights in RAM (default auto)")
     rn.add_argument("--offload-folder", type=Path, default=None)
     rn.add_argument("--seed", type=int, default=0)
@@ -593,7 +623,7 @@ def main(argv=None):
         res = run_children(a)
     else:
         res = run(a.model, a.k, a.prompt, a.tokens, a.device, a.max_gpu, a.max_cpu, a.offload_folder, a.time_cap,
-                  a.seed)
+                  a.seed, a.vram_experts)
     if a.json:
         a.json.write_text(json.dumps(res, indent=1))
     print(json.dumps(res))

@@ -120,6 +120,8 @@ def test_run_on_cpu_with_disk_offload(packed4, hf_bf16, tmp_path, capsys):
     whole = bt.run(two, [1], prompt=12, tokens=3, device="cpu", max_cpu=1e9)["runs"][0]
     assert whole["bytes_disk"] == 0 and whole["bytes_cpu"] == res["runs"][1]["bytes_cpu"] + res["runs"][1]["bytes_disk"]
     assert whole["generated"] == res["runs"][1]["generated"]
+    experts = 2 * 8 * 3 * 64 * 64 * 2  # 2 layers x 8 experts x (gate, up, down) of 64 x 64 in bf16
+    assert bt.non_expert_bytes(two) + experts == whole["bytes_cpu"]  # --vram-experts adds this to the GPU budget
     bt.main(["run", str(two), "--device", "cpu", "--k", "1", "--prompt", "12", "--tokens", "3", "--max-cpu", "1e9",
              "--fresh-process"])  # the path --mem-limit / --drop-caches take: a child process per K
     child = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["runs"]
