@@ -19,7 +19,8 @@ of experts per layer + 4.1 GB of embedding and head + ~0.27 GB of other weights 
 
 `run` loads the checkpoint with transformers (dtype bf16, device_map="auto", max_memory {0: --max-gpu,
 "cpu": --max-cpu}, offload_folder for the rest: accelerate fills the GPU, then the CPU, then the disk, in
-module order and never back, keeping room for the largest decoder layer on the GPU and on the CPU) once per
+module order and never back, keeping room for the largest decoder layer on the GPU and on the CPU; it
+computes on the GPU when any module was placed there, else on the CPU: the JSON's "compute") once per
 K (num_experts_per_tok overridden at load), then decodes greedily with the model's cache (use_cache=True;
 the forward in a loop, as generate does: decode_loop says why not generate itself) from a random prompt
 of --prompt ids: TTFT = prompt in to the first new token, decode tok/s over the tokens after it. No new
@@ -417,8 +418,14 @@ def run_one(hf_dir: Path, k: int, prompt: int, tokens: int, device: str, max_mem
     if loaded_k != {k}:
         raise RuntimeError(f"{hf_dir}: routers use top_k {sorted(loaded_k)} after num_experts_per_tok={k}")
     place = placement(model)
+    # accelerate runs every offloaded module on the first GPU of the map, or on the CPU when the map holds no
+    # GPU (with a GPU budget below the largest layer everything goes to disk, and the GPU sits idle)
+    on_gpu = any(d not in ("cpu", "disk") for d in (getattr(model, "hf_device_map", None) or {}).values())
+    if cuda and not on_gpu:
+        print("bench_transformers: nothing fits the GPU budget next to accelerate's reserve for the largest layer; "
+              "accelerate computes on the CPU", file=sys.stderr)
     g = torch.Generator().manual_seed(seed + k)
-    dev = "cuda:0" if cuda else "cpu"  # accelerate's hooks move activations between devices
+    dev = "cuda:0" if on_gpu else "cpu"  # accelerate's hooks move activations between devices
     ids = torch.randint(0, model.config.vocab_size, (1, prompt), generator=g).to(dev)
     io: list = []
     stamps, gen = decode_loop(model, ids, tokens, cap_s, sync, io)
@@ -430,6 +437,7 @@ def run_one(hf_dir: Path, k: int, prompt: int, tokens: int, device: str, max_mem
         "decode_tok_s": n / (st[-1] - st[0]) if n > 0 and st[-1] > st[0] else None,
         "prompt": prompt, "tokens": n, "tokens_requested": tokens, "time_cap_s": cap_s,
         "time_capped": n < tokens, "load_s": load_s, "generate_s": st[-1] - t_start,
+        "compute": "cuda:0" if on_gpu else "cpu",
         "bytes_gpu": place["gpu"], "bytes_cpu": place["cpu"], "bytes_disk": place["disk"],
         "max_memory": {str(d): v for d, v in max_memory.items()},
         "device_map": _summary(model.hf_device_map) if getattr(model, "hf_device_map", None) else None,

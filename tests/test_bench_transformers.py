@@ -116,7 +116,8 @@ def test_run_on_cpu_with_disk_offload(packed4, hf_bf16, tmp_path, capsys):
         assert {"engine", "K", "ttft_s", "decode_tok_s", "prompt", "tokens", "load_s"} <= set(r)
         assert r["prompt"] == 12 and r["tokens"] == 3 and not r["time_capped"] and len(r["generated"]) == 4
         assert r["ttft_s"] > 0 and r["decode_tok_s"] > 0 and r["load_s"] > 0
-        assert r["bytes_gpu"] == 0 and r["bytes_disk"] > r["bytes_cpu"] > 0 and r["offload_folder_bytes"] == 0
+        assert r["compute"] == "cpu" and r["offload_folder_bytes"] == 0
+        assert r["bytes_gpu"] == 0 and r["bytes_disk"] > r["bytes_cpu"] > 0
     whole = bt.run(two, [1], prompt=12, tokens=3, device="cpu", max_cpu=1e9)["runs"][0]
     assert whole["bytes_disk"] == 0 and whole["bytes_cpu"] == res["runs"][1]["bytes_cpu"] + res["runs"][1]["bytes_disk"]
     assert whole["generated"] == res["runs"][1]["generated"]
