@@ -94,6 +94,7 @@ class FakeEvent:
     time, so the cache's "finish what is ready" path runs both ways."""
 
     calls = 0
+    never_ready = False  # the moves down are then all finished at the end of the batch
 
     def record(self, stream=None):
         self.recorded = True
@@ -103,7 +104,7 @@ class FakeEvent:
 
     def query(self):
         FakeEvent.calls += 1
-        return FakeEvent.calls % 2 == 0
+        return FakeEvent.calls % 2 == 0 and not FakeEvent.never_ready
 
 
 class FakeStream:
@@ -146,6 +147,13 @@ def test_stream_path_bookkeeping(packed4, monkeypatch, staging):
     assert len(c.side.waited) == v["demotions"] > 0
     for (layer, e), slot in c._where.items():
         assert torch.equal(c.pool[slot, : c.record_bytes], read_record(ix, layer, e))
+    (vl, ve), new = next(iter(c.policy._order)), next(k for k in [(3, e) for e in range(8)] if k not in c._where)
+    c.pool[c._where[(vl, ve)], 9] ^= 0xFF  # the LRU victim of the next batch: its move down fails
+    monkeypatch.setattr(FakeEvent, "never_ready", True)
+    with pytest.raises(FormatError, match=rf"layer {vl} expert {ve}: checksum mismatch"):
+        c.slots(new[0], [new[1]])
+    assert len(c._where) + len(c._free_slots) == 5 and not any(c._stage_down)  # no slot lost, nothing pending
+    c.slots(new[0], [new[1]])
     c.close()
 
 
@@ -167,7 +175,8 @@ def test_demoted_record_is_the_checked_record(packed4):
     c.pool[c._where[(2, 5)], 7] ^= 0xFF  # a slot corrupted while in VRAM (or a wrong slot moved down)
     with pytest.raises(FormatError, match=r"layer 2 expert 5: checksum mismatch"):
         c.slots(0, [0])
-    assert (2, 5) not in c.host._cache
+    assert (2, 5) not in c.host._cache and len(c._where) + len(c._free_slots) == 2  # no slot lost
+    c.slots(0, [0])
     c.close()
     c = cache(ix, slots=2, host=4, verify_reads=False)  # no checks asked: moved down as is
     c.slots(0, [0, 1])

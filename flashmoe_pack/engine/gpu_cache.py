@@ -484,12 +484,13 @@ class GpuExpertCache:
                 done.append(e)
                 if old is not None:  # moves whose copy is done, while the next reads are in flight
                     self._finish_demotions(ready_only=True)
+            self._finish_demotions()  # none pending after a batch: a key is never in both tiers
         except BaseException:
             self._free_slots += [slots[e] for e in experts]  # nothing of a failed batch is cached
+            self._stage_down = [None] * len(self._staging)  # nor moved down (the events still guard the buffers)
             raise
         finally:
             records.close()
-            self._finish_demotions()  # none pending after a batch: a key is never in both tiers
         self._resident = None
         for e in done:
             self._where[(layer, e)] = slots[e]
