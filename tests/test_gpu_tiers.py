@@ -173,6 +173,8 @@ def test_demoted_record_is_the_checked_record(packed4):
     assert c.host.stats.reads == reads and c.host.stats.hits == 1 and list(c.host._cache) == [(1, 4)]
     assert torch.equal(c.pool[s, : c.record_bytes].cpu(), read_record(ix, 1, 3))
     c.pool[c._where[(2, 5)], 7] ^= 0xFF  # a slot corrupted while in VRAM (or a wrong slot moved down)
+    if CUDA:  # the copy out waits for the slot's upload only, not for work on the current stream
+        torch.cuda.synchronize()
     with pytest.raises(FormatError, match=r"layer 2 expert 5: checksum mismatch"):
         c.slots(0, [0])
     assert (2, 5) not in c.host._cache and len(c._where) + len(c._free_slots) == 2  # no slot lost
@@ -181,6 +183,8 @@ def test_demoted_record_is_the_checked_record(packed4):
     c = cache(ix, slots=2, host=4, verify_reads=False)  # no checks asked: moved down as is
     c.slots(0, [0, 1])
     c.pool[c._where[(0, 0)], 7] ^= 0xFF
+    if CUDA:
+        torch.cuda.synchronize()
     c.slots(0, [2])
     assert c.tier.demotions == 1 and (0, 0) in c.host._cache
     c.close()
