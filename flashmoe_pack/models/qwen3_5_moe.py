@@ -21,11 +21,13 @@ from torch import Tensor
 from flashmoe_pack.models import register
 from flashmoe_pack.models.layers import (
     KVCache,
+    add_rms_norm,
     apply_partial_rope,
     attention,
     causal_conv1d,
     decode_attention,
     embedding,
+    fusable,
     gated_delta_rule,
     gated_rms_norm,
     linear,
@@ -176,6 +178,28 @@ class Qwen35MoeState:
         return out + list(self.conv.values()) + list(self.recurrent.values())
 
 
+@fusable
+def route(router_logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Softmax top-K routing: logits [T, E] -> (expert ids [T, K], weights [T, K] summing to 1, in
+    the logits' dtype)."""
+    probs = torch.softmax(router_logits.float(), dim=-1)
+    top_p, top_ids = probs.topk(k, dim=-1)
+    return top_ids, (top_p / top_p.sum(-1, keepdim=True)).to(router_logits.dtype)
+
+
+@fusable
+def delta_gates(a: Tensor, b: Tensor, a_log: Tensor, dt_bias: Tensor) -> tuple[Tensor, Tensor]:
+    """Gated DeltaNet's per-head gates from a, b [T, hv]: (log decay g <= 0 in fp32, because
+    exp(A_log) can overflow half precision; write strength beta = sigmoid(b))."""
+    return -a_log.float().exp() * F.softplus(a.float() + dt_bias), torch.sigmoid(b)
+
+
+@fusable
+def add_moe(x: Tensor, routed: Tensor, shared: Tensor, shared_gate: Tensor) -> Tensor:
+    """x + routed experts + the shared expert scaled by sigmoid(its gate logit [T, 1])."""
+    return x + (routed + torch.sigmoid(shared_gate) * shared)
+
+
 def _get(weights: Mapping[str, Tensor], name: str) -> Tensor:
     if name not in weights:
         raise KeyError(f"missing tensor {name!r} in the Qwen3.5-MoE weights")
@@ -278,19 +302,14 @@ class Qwen35MoeModel:
                 with section("full_attn", i):
                     h = self._full_attn(i, w, h, cos, sin, state, pos)
             with section("other", i):
-                x = x + h
-                h = rms_norm(x, w["post_attention_layernorm.weight"], c.rms_norm_eps)  # [T, H]
+                x, h = add_rms_norm(x, h, w["post_attention_layernorm.weight"], c.rms_norm_eps)  # [T, H] each
             with section("routing", i):
-                router_logits = linear(h, w["mlp.gate.weight"])  # [T, E]
-                probs = torch.softmax(router_logits.float(), dim=-1)
-                top_p, top_ids = probs.topk(c.num_experts_per_tok, dim=-1)  # [T, K]
-                top_p = (top_p / top_p.sum(-1, keepdim=True)).to(router_logits.dtype)
+                top_ids, top_p = route(linear(h, w["mlp.gate.weight"]), c.num_experts_per_tok)  # [T, K]
             with section("experts", i):
                 routed = self.experts.forward(i, h, top_ids, top_p)  # [T, H]
             with section("other", i):
                 shared = swiglu(h, *(w[f"mlp.shared_expert.{p}_proj.weight"] for p in ("gate", "up", "down")))
-                shared = torch.sigmoid(linear(h, w["mlp.shared_expert_gate.weight"])) * shared
-                x = x + (routed + shared)
+                x = add_moe(x, routed, shared, linear(h, w["mlp.shared_expert_gate.weight"]))
         if pos is None:
             state.pos += ids.shape[0]
         with section("other", -1):
@@ -312,9 +331,7 @@ class Qwen35MoeModel:
         state.conv[i].copy_(conv)
         qkv = F.silu(qkv)
         q, k, v = qkv.split([hk * dk, hk * dk, hv * dv], dim=-1)
-        beta = torch.sigmoid(b)  # [T, hv] write strength
-        # log decay g <= 0 [T, hv], in fp32 because exp(A_log) can overflow half precision
-        g = -w["linear_attn.A_log"].float().exp() * F.softplus(a.float() + w["linear_attn.dt_bias"])
+        g, beta = delta_gates(a, b, w["linear_attn.A_log"], w["linear_attn.dt_bias"])
         core, rec = gated_delta_rule(
             q.view(t, hk, dk), k.view(t, hk, dk), v.view(t, hv, dv), g, beta, state.recurrent[i]
         )  # [T, hv, dv] fp32
