@@ -457,7 +457,7 @@ def run_one(hf_dir: Path, k: int, prompt: int, tokens: int, device: str, max_mem
 
 
 def _summary(dmap: dict) -> dict:
-    """hf_device_map folded to {device: [module prefixes]} (layers listed by number)."""
+    """hf_device_map folded to {device: [module prefixes]}."""
     out: dict[str, list[str]] = {}
     for name, dev in dmap.items():
         out.setdefault(str(dev), []).append(name)
