@@ -230,6 +230,7 @@ def test_exclusive_decode_equals_inclusive(packed4):
     assert ga == gb
     ta, tb = a.store.tier_stats(), b.store.tier_stats()
     assert ta["vram"]["demotions"] > 0 and tb["vram"]["demotions"] == 0
+    assert ta["host"]["hits"] > 0  # records moved down came back up from host RAM
     assert ta["vram"]["hits"] + ta["vram"]["misses"] == tb["vram"]["hits"] + tb["vram"]["misses"]
     assert not set(a.store._where) & set(a.store.host._cache)
     a.close()
