@@ -359,10 +359,10 @@ def profile_decode(m, steps: int, sync) -> dict:
     state = m.model.new_state()
     logits = m.model.forward(torch.arange(32), state, last_only=True)[-1]
     tok = int(logits.argmax())
-    for name, graph, fuse in (("graph_fused", "1", "1"), ("graph", "1", "0"), ("eager", "0", "0")):
-        os.environ["FLASHMOE_CUDA_GRAPH"], os.environ["FLASHMOE_CUDA_FUSE"] = graph, fuse
+    for name, graph in (("graph", "1"), ("eager", "0")):
+        os.environ["FLASHMOE_CUDA_GRAPH"] = graph
         t = time.perf_counter()
-        tok = int(m.decode_step(tok, state).argmax())  # captures (and compiles) here
+        tok = int(m.decode_step(tok, state).argmax())  # captures here
         out[f"first_step_s_{name}"] = time.perf_counter() - t
         t = time.perf_counter()
         for _ in range(steps):
@@ -381,7 +381,7 @@ def profile_decode(m, steps: int, sync) -> dict:
     sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
     out["eager_top"] = ka.table(sort_by=sort, row_limit=20)
     out["eager_top_cpu"] = ka.table(sort_by="self_cpu_time_total", row_limit=20)
-    os.environ["FLASHMOE_CUDA_GRAPH"], os.environ["FLASHMOE_CUDA_FUSE"] = "1", "1"
+    os.environ["FLASHMOE_CUDA_GRAPH"] = "1"
     print(out["eager_top"], out["eager_top_cpu"], file=sys.stderr, flush=True)
     return out
 

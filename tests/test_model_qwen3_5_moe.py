@@ -136,24 +136,6 @@ def test_static_decode_step_equals_eager_decode(pair, dtype):
         ours.forward(ids[:2], static, pos=torch.tensor([static.pos]))
 
 
-def test_fused_static_step_equals_eager(pair):
-    """The fusable functions compiled by torch.compile (what the CUDA graph step runs, here on the CPU
-    backend) give the eager results: two decode steps, fp32."""
-    _, ours = pair
-    ids = torch.randint(0, 101, (23,), generator=torch.Generator().manual_seed(5))
-    eager, fused = ours.new_state(), ours.new_state()
-    ours.forward(ids[:21], eager)
-    ours.forward(ids[:21], fused)
-    for t in (21, 22):
-        want = ours.forward(ids[t : t + 1], eager)
-        with layers.fusing():
-            got = ours.forward(ids[t : t + 1], fused, pos=torch.tensor([fused.pos]))
-        fused.advance(1)
-        assert relative_error(got, want) < 1e-4
-    for i in eager.recurrent:
-        assert relative_error(fused.recurrent[i], eager.recurrent[i]) < 1e-4
-
-
 def test_decode_attention_masks_the_tail_and_matches_sdpa():
     g = torch.Generator().manual_seed(4)
     hq, hkv, cap, d, pos = 6, 2, 37, 16, 20

@@ -12,11 +12,7 @@ double, so a sequence of n tokens captures O(log n) times.
     step = GraphedDecode(model.model)  # its .experts: a backends.cuda.CudaExperts
     logits = step(tok, state)  # float32 [vocab]; state.pos advanced by one
 
-Inside the step, the small elementwise functions the model marks `fusable` (norms, RoPE, the
-DeltaNet conv and recurrence, routing, residual adds) run through torch.compile, which fuses each
-into one or a few kernels; compiled once per process and shape, before the first capture.
-
-FLASHMOE_CUDA_GRAPH=0 turns graphs off, FLASHMOE_CUDA_FUSE=0 the compiled functions (A/B).
+FLASHMOE_CUDA_GRAPH=0 turns graphs off (A/B).
 """
 
 from __future__ import annotations
@@ -26,15 +22,9 @@ import time
 
 import torch
 
-from ..models.layers import fusing
-
 
 def graphs_enabled() -> bool:
     return os.environ.get("FLASHMOE_CUDA_GRAPH", "1") != "0"
-
-
-def fuse_enabled() -> bool:
-    return os.environ.get("FLASHMOE_CUDA_FUSE", "1") != "0"
 
 
 class GraphedDecode:
@@ -69,7 +59,7 @@ class GraphedDecode:
             kv.reserve(state.pos + 1)
         # what the graph baked in: the state's buffers, the experts object and its slot table, K
         key = (id(state), tuple(t.data_ptr() for t in state.buffers()), id(self.experts),
-               id(self.cache.resident_map()), self.model.config.num_experts_per_tok, fuse_enabled())
+               id(self.cache.resident_map()), self.model.config.num_experts_per_tok)
         if key != self.key:
             self._capture(state)
             self.key = key
@@ -97,15 +87,14 @@ class GraphedDecode:
         for kv in scratch.kv.values():
             kv.reserve(state.pos + 1)
         self.pos.fill_(state.pos)
-        fuse = fuse_enabled()
         side = torch.cuda.Stream(self.model.device)
         side.wait_stream(torch.cuda.current_stream(self.model.device))
-        with torch.cuda.stream(side), fusing(fuse):
+        with torch.cuda.stream(side):
             self.model.forward(self.ids, scratch, last_only=True, pos=self.pos)
         torch.cuda.current_stream(self.model.device).wait_stream(side)
         del scratch
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph), fusing(fuse):
+        with torch.cuda.graph(graph):
             self.logits = self.model.forward(self.ids, state, last_only=True, pos=self.pos)
         self.cache.vram.hits = hits  # warming up and recording are not lookups
         self.graph = graph

@@ -8,8 +8,6 @@ that fp32 runs agree with transformers to rounding and bf16 runs round the same 
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import os
 
 import torch
@@ -17,40 +15,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..quant import QTensor, dequantize
-
-# ------------------------------------------------------------------------------------ fusion
-
-_fuse = False  # set by `fusing()`: the static CUDA decode step (engine/cuda_graph.py)
-
-
-def fusable(fn):
-    """Marks a small pure function of fixed-shape tensors that torch.compile may fuse into one or a few
-    kernels. Inside `fusing()` calls go to torch.compile(fn) (compiled on first use per shape, then
-    cached); elsewhere to fn itself. A fusable function must not call another one."""
-    compiled = None
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        nonlocal compiled
-        if not _fuse:
-            return fn(*args, **kwargs)
-        if compiled is None:
-            compiled = torch.compile(fn, dynamic=False, fullgraph=True)
-        return compiled(*args, **kwargs)
-
-    return wrapper
-
-
-@contextlib.contextmanager
-def fusing(on: bool = True):
-    """Within: fusable functions run compiled (one decode step launches ~4x fewer kernels)."""
-    global _fuse
-    prev, _fuse = _fuse, on
-    try:
-        yield
-    finally:
-        _fuse = prev
-
 
 # ---------------------------------------------------------------------------------------- linear
 
@@ -125,7 +89,6 @@ def embedding(ids: Tensor, w: Tensor | QTensor, dtype: torch.dtype) -> Tensor:
 # ---------------------------------------------------------------------------------------- norms
 
 
-@fusable
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """Qwen3.5 RMSNorm: weights are stored zero-centred, so the scale is (1 + weight).
 
@@ -136,14 +99,12 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return (xf * (1.0 + weight.float())).to(x.dtype)
 
 
-@fusable
 def add_rms_norm(x: Tensor, h: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     """The residual step: x + h, and rms_norm of it."""
     x = x + h
-    return x, rms_norm.__wrapped__(x, weight, eps)
+    return x, rms_norm(x, weight, eps)
 
 
-@fusable
 def gated_rms_norm(x: Tensor, gate: Tensor, weight: Tensor, eps: float) -> Tensor:
     """RMSNorm(x) * weight * silu(gate) over the last dim; the plain weight here is not zero-centred."""
     xf = x.float()
@@ -164,7 +125,6 @@ def rope_inv_freq(rotary_dim: int, theta: float) -> Tensor:
     return 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim))
 
 
-@fusable
 def rope_cos_sin(positions: Tensor, inv_freq: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """cos and sin tables [T, rotary_dim] for integer positions [T], computed in fp32, cast to dtype.
 
@@ -182,7 +142,6 @@ def rotate_half(x: Tensor) -> Tensor:
     return torch.cat([-x2, x1], dim=-1)
 
 
-@fusable
 def apply_partial_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate the first cos.shape[-1] dims of x [T, heads, D]; the remaining dims pass through."""
     rd = cos.shape[-1]
@@ -194,7 +153,6 @@ def apply_partial_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------- short convolution
 
 
-@fusable
 def causal_conv1d(x: Tensor, weight: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
     """Depthwise causal conv over time with carried left context (no activation).
 
@@ -265,7 +223,6 @@ def delta_rule_chunked(q, k, v, g, beta, state, chunk_size: int = 64):
     return out, state
 
 
-@fusable
 def gated_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, state: Tensor,
                      chunk_size: int = 64) -> tuple[Tensor, Tensor]:
     """Gated DeltaNet core for one sequence.

@@ -27,7 +27,6 @@ from flashmoe_pack.models.layers import (
     causal_conv1d,
     decode_attention,
     embedding,
-    fusable,
     gated_delta_rule,
     gated_rms_norm,
     linear,
@@ -178,7 +177,6 @@ class Qwen35MoeState:
         return out + list(self.conv.values()) + list(self.recurrent.values())
 
 
-@fusable
 def route(router_logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """Softmax top-K routing: logits [T, E] -> (expert ids [T, K], weights [T, K] summing to 1, in
     the logits' dtype)."""
@@ -187,14 +185,12 @@ def route(router_logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return top_ids, (top_p / top_p.sum(-1, keepdim=True)).to(router_logits.dtype)
 
 
-@fusable
 def delta_gates(a: Tensor, b: Tensor, a_log: Tensor, dt_bias: Tensor) -> tuple[Tensor, Tensor]:
     """Gated DeltaNet's per-head gates from a, b [T, hv]: (log decay g <= 0 in fp32, because
     exp(A_log) can overflow half precision; write strength beta = sigmoid(b))."""
     return -a_log.float().exp() * F.softplus(a.float() + dt_bias), torch.sigmoid(b)
 
 
-@fusable
 def add_moe(x: Tensor, routed: Tensor, shared: Tensor, shared_gate: Tensor) -> Tensor:
     """x + routed experts + the shared expert scaled by sigmoid(its gate logit [T, 1])."""
     return x + (routed + torch.sigmoid(shared_gate) * shared)
