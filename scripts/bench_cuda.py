@@ -331,6 +331,10 @@ def engine_run(spec: dict) -> dict:
             "prefill_disk_bytes": a["disk"]["bytes"], "decode_window": [wall[0], wall[1]],
             "direct": b["disk"]["direct"],
             "graph": {key: v - g0[key] for key, v in graph_counts(m).items()},
+            "tiers": b.get("mode"), "policy": m.store.policy.name,
+            "combined_hit": (vh + hh) / (vh + vm) if vh + vm else 0.0,
+            "demotions_per_tok": d("vram", "demotions") / max(n, 1),
+            "demote_s_per_tok": d("vram", "demote_seconds") / max(n, 1),
         })
         if r["graph"]["captures"] and st.decode_s > r["graph"]["capture_s"]:  # captures happen inside decode
             r["decode_tok_s_excl_capture"] = n / (st.decode_s - r["graph"]["capture_s"])
@@ -495,7 +499,9 @@ def main():
     gpu_layers = args.gpu_layers if args.gpu_layers is not None else max(1, round(ISSUE_GPU_LAYERS * L / ISSUE_LAYERS))
     limit = int(args.mem_limit or ISSUE_HOST * gsize / ISSUE_GGUF_BYTES)
     slot = fmt.align_up(ix.layout.record_bytes, 256)
-    res = {"layers": L, "experts": E, "record_bytes": ix.layout.record_bytes, "gguf_expert_bytes": gguf_expert,
+    cfg = ix.raw["config"].get("text_config") or ix.raw["config"]
+    res = {"geometry": f"hidden {cfg.get('hidden_size')}, {E} experts of {cfg.get('moe_intermediate_size')}",
+           "layers": L, "experts": E, "record_bytes": ix.layout.record_bytes, "gguf_expert_bytes": gguf_expert,
            "gguf_bytes": gsize, "gpu_layers": gpu_layers, "ncmoe": L - gpu_layers, "mem_limit": limit,
            "vram_expert_bytes": gpu_layers * E * slot, "args": {k: str(v) for k, v in vars(args).items()}}
     res["cgroup_error"] = setup_cgroup(limit)
@@ -568,7 +574,8 @@ def table(res: dict, args) -> str:
         if r:
             f = fl["flashmoe"][k]["tok_s"]
             rows.append(f"| streaming | flashmoe | {k} | {_f(r['decode_tok_s'])} | {_f(r['ttft_s'], '{:.1f}')} | "
-                        f"{r['vram_hit'] * 100:.0f}% | {r['host_hit'] * 100:.0f}% | "
+                        f"{r['vram_hit'] * 100:.0f}% | {r['host_hit'] * 100:.0f}% "
+                        f"({r.get('combined_hit', 0) * 100:.0f}% with VRAM) | "
                         f"{r['disk_bytes_per_tok'] / 1e6:.0f} | {_f(r['disk_GB_s'])} | {_f(r['pcie_GB_s'])} | "
                         f"{_f(f)} | {r['decode_tok_s'] / f * 100:.0f}% |")
         elif f"flashmoe_stream_K{k}" in res:
@@ -586,7 +593,9 @@ def table(res: dict, args) -> str:
             rows.append(f"| streaming | llama.cpp | {k} | failed: {q.get('error')} |")
     fr = res.get("flashmoe_resident", {}).get("runs", [])
     for r in fr:
-        rows.append(f"| resident | flashmoe | {r['K']} | {_f(r['decode_tok_s'])} | {_f(r['ttft_s'], '{:.2f}')} | "
+        steady = r.get("decode_tok_s_excl_capture")
+        tok_s = _f(r["decode_tok_s"]) + (f" ({_f(steady)} after capture)" if steady else "")
+        rows.append(f"| resident | flashmoe | {r['K']} | {tok_s} | {_f(r['ttft_s'], '{:.2f}')} | "
                     f"{r['vram_hit'] * 100:.0f}% | - | 0 | - | - | - | - |")
     for k in args.k:
         q = res.get(f"llama_resident_K{k}")
@@ -595,7 +604,8 @@ def table(res: dict, args) -> str:
                         "100% | - | 0 | - | - | - | - |")
         elif q:
             rows.append(f"| resident | llama.cpp | {k} | failed: {q.get('error')} |")
-    head = (f"Qwen3.5-397B geometry, {L} layers (flashmoe-pack record {res['record_bytes'] / 2**20:.2f} MiB, "
+    head = (f"{res.get('geometry', 'Qwen3.5-397B geometry')}, {L} layers "
+            f"(flashmoe-pack record {res['record_bytes'] / 2**20:.2f} MiB, "
             f"GGUF Q4_0 expert {res['gguf_expert_bytes'] / 2**20:.2f} MiB, GGUF {res['gguf_bytes'] / 1e9:.1f} GB); "
             f"VRAM for experts: {res['gpu_layers']} of {L} layers ({res['vram_expert_bytes'] / 1e9:.2f} GB; "
             f"llama.cpp -ncmoe {res['ncmoe']}); host memory limit {res['mem_limit'] / 1e9:.2f} GB "

@@ -173,7 +173,7 @@ def _conftest():
 
 def pytest_gpu(out_dir: Path) -> dict:
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_triton_kernels.py",
-           "tests/test_cuda_backend.py"]
+           "tests/test_cuda_backend.py", "tests/test_triton_layers.py", "tests/test_gpu_tiers.py"]
     if importlib.util.find_spec("xdist"):
         cmd += ["-n", "16"]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)

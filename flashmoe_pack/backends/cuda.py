@@ -126,7 +126,7 @@ class CudaExperts:
 _DT = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-def cuda_experts(index, budget="auto", io="os", threads=8, verify_reads=True, device="cuda", policy="lru",
+def cuda_experts(index, budget="auto", io="os", threads=8, verify_reads=True, device="cuda", policy="lfu",
                  host_budget="auto"):
     """(store-like cache, experts object) for runtime.Model on a CUDA device: `budget` bytes of
     VRAM slots over a host-RAM tier of `host_budget` bytes (both "auto": from free memory)."""

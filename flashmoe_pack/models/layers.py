@@ -16,6 +16,19 @@ from torch import Tensor
 
 from ..quant import QTensor, dequantize
 
+# ------------------------------------------------------------------------------ fused kernels
+
+
+def _fused(x: Tensor):
+    """backends.triton_layers for a CUDA tensor (one launch per norm / conv step / delta step),
+    else None; FLASHMOE_CUDA_LAYER_KERNELS=0 turns them off (A/B)."""
+    if x.device.type != "cuda" or os.environ.get("FLASHMOE_CUDA_LAYER_KERNELS", "1") == "0":
+        return None
+    from ..backends import triton_layers
+
+    return triton_layers if triton_layers.HAVE_TRITON else None
+
+
 # ---------------------------------------------------------------------------------------- linear
 
 # From this many rows of x on, a quantized product on the CPU dequantizes the weight in row chunks
@@ -94,6 +107,9 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 
     Normalizes and scales in fp32, then casts back to x's dtype (as transformers does).
     """
+    fused = _fused(x)
+    if fused is not None and x.dim() <= 3 and x.stride(-1) == 1 and x.shape[-1] <= fused.MAX_ROW:
+        return fused.rms_norm(x, weight, eps)
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return (xf * (1.0 + weight.float())).to(x.dtype)
@@ -101,12 +117,18 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 
 def add_rms_norm(x: Tensor, h: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     """The residual step: x + h, and rms_norm of it."""
+    fused = _fused(x)
+    if fused is not None and x.is_contiguous() and h.is_contiguous() and x.shape[-1] <= fused.MAX_ROW:
+        return fused.rms_norm(x, weight, eps, residual=h)
     x = x + h
     return x, rms_norm(x, weight, eps)
 
 
 def gated_rms_norm(x: Tensor, gate: Tensor, weight: Tensor, eps: float) -> Tensor:
     """RMSNorm(x) * weight * silu(gate) over the last dim; the plain weight here is not zero-centred."""
+    fused = _fused(x)
+    if fused is not None and x.is_contiguous() and gate.is_contiguous() and x.shape[-1] <= fused.MAX_ROW:
+        return fused.gated_rms_norm(x, gate, weight, eps, x.dtype)
     xf = x.float()
     normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
     return ((weight * normed) * F.silu(gate.float())).to(x.dtype)
@@ -168,6 +190,16 @@ def causal_conv1d(x: Tensor, weight: Tensor, state: Tensor) -> tuple[Tensor, Ten
         out = F.conv1d(full[None], weight[:, None, :], groups=weight.shape[0])[0]  # [C, T]
     new_state = full[:, full.shape[-1] - (width - 1) :]  # a view: the model copies it into its state
     return out.transpose(0, 1).to(x.dtype), new_state
+
+
+def conv_silu_(x: Tensor, weight: Tensor, state: Tensor) -> Tensor:
+    """silu(causal_conv1d(x, weight, state)), with `state` [C, W-1] updated in place."""
+    fused = _fused(x)
+    if fused is not None and x.shape[0] == 1 and x.is_contiguous() and weight.is_contiguous():
+        return fused.conv_silu_step(x, weight, state)
+    out, new_state = causal_conv1d(x, weight, state)
+    state.copy_(new_state)
+    return F.silu(out)
 
 
 # ------------------------------------------------------------------------------ gated delta rule
@@ -242,6 +274,16 @@ def gated_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, s
     else:
         out, state = delta_rule_chunked(q, k, v, g, beta, state, chunk_size)
     return out.transpose(0, 1), state
+
+
+def gated_delta_rule_(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, state: Tensor) -> Tensor:
+    """gated_delta_rule with `state` updated in place; returns out fp32 [T, Hv, Dv]."""
+    fused = _fused(v)
+    if fused is not None and q.shape[0] == 1 and q.shape[-1] == 1 << (q.shape[-1] - 1).bit_length():
+        return fused.delta_step(q, k, v, g, beta, state)
+    out, new_state = gated_delta_rule(q, k, v, g, beta, state)
+    state.copy_(new_state)
+    return out
 
 
 # ------------------------------------------------------------------------------------ attention

@@ -24,10 +24,10 @@ from flashmoe_pack.models.layers import (
     add_rms_norm,
     apply_partial_rope,
     attention,
-    causal_conv1d,
+    conv_silu_,
     decode_attention,
     embedding,
-    gated_delta_rule,
+    gated_delta_rule_,
     gated_rms_norm,
     linear,
     rms_norm,
@@ -323,15 +323,12 @@ class Qwen35MoeModel:
         z = linear(x, w["linear_attn.in_proj_z.weight"]).view(t, hv, dv)  # output gate
         b = linear(x, w["linear_attn.in_proj_b.weight"])  # [T, hv]
         a = linear(x, w["linear_attn.in_proj_a.weight"])  # [T, hv]
-        qkv, conv = causal_conv1d(qkv, w["linear_attn.conv1d.weight"].squeeze(1), state.conv[i])
-        state.conv[i].copy_(conv)
-        qkv = F.silu(qkv)
+        qkv = conv_silu_(qkv, w["linear_attn.conv1d.weight"].squeeze(1), state.conv[i])
         q, k, v = qkv.split([hk * dk, hk * dk, hv * dv], dim=-1)
         g, beta = delta_gates(a, b, w["linear_attn.A_log"], w["linear_attn.dt_bias"])
-        core, rec = gated_delta_rule(
+        core = gated_delta_rule_(
             q.view(t, hk, dk), k.view(t, hk, dk), v.view(t, hv, dv), g, beta, state.recurrent[i]
         )  # [T, hv, dv] fp32
-        state.recurrent[i].copy_(rec)
         core = gated_rms_norm(core.to(x.dtype), z, w["linear_attn.norm.weight"], c.rms_norm_eps)
         return linear(core.reshape(t, hv * dv), w["linear_attn.out_proj.weight"])  # [T, H]
 

@@ -1,0 +1,176 @@
+"""Triton kernels for the small per-token steps of a decode layer (CUDA), each one launch.
+
+A decode step of a Qwen3.5 layer in torch launches ~120 kernels, most of them elementwise ops on a
+few thousand values; on a GPU each costs ~2 us, more than the weights they touch. These kernels
+fuse the largest groups (models/layers.py calls them on CUDA tensors, the torch code elsewhere):
+
+  rms_norm        (residual add +) RMSNorm with Qwen's (1 + w) scale: ~10 ops -> 1
+  conv_silu_step  the depthwise causal conv of one token + SiLU, conv state shifted in place: ~8 -> 1
+  delta_step      Gated DeltaNet's recurrent step for one token: L2-normalized q/k (repeated over
+                  the value heads), decay, delta-rule update of the fp32 state in place, output: ~35 -> 1
+  gated_rms_norm  RMSNorm(core) * w * silu(z): ~12 -> 1
+
+Each computes what the torch code computes, in the same precision: fp32 arithmetic with the
+roundings to the activation dtype where torch rounds (tests/test_triton_layers.py checks them
+against the torch functions, in Triton's CPU interpreter on CI and on the GPU by scripts/gpu_check.py).
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAVE_TRITON = True
+except ImportError:
+    HAVE_TRITON = False
+
+MAX_ROW = 16384  # rms_norm rows up to this many values (one block per row)
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _rms_norm(x_ptr, r_ptr, xo_ptr, y_ptr, w_ptr, n, inner, s0, s1, eps,
+                  HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        src = (row // inner) * s0 + (row % inner) * s1  # x may be a strided [rows, inner, n] view
+        cols = tl.arange(0, BLOCK)
+        m = cols < n
+        x = tl.load(x_ptr + src + cols, mask=m, other=0.0).to(tl.float32)
+        if HAS_RES:  # x + r rounded to x's dtype (torch adds the two in that dtype), stored as the new x
+            r = tl.load(r_ptr + row * n + cols, mask=m, other=0.0).to(tl.float32)
+            s = (x + r).to(xo_ptr.dtype.element_ty)
+            tl.store(xo_ptr + row * n + cols, s, mask=m)
+            x = s.to(tl.float32)
+        w = tl.load(w_ptr + cols, mask=m, other=0.0).to(tl.float32)
+        inv = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n + eps)
+        tl.store(y_ptr + row * n + cols, ((x * inv) * (1.0 + w)).to(y_ptr.dtype.element_ty), mask=m)
+
+    @triton.jit
+    def _conv_silu_step(x_ptr, w_ptr, s_ptr, out_ptr, c, WID: tl.constexpr, WP: tl.constexpr,
+                        BC: tl.constexpr):
+        ch = tl.program_id(0) * BC + tl.arange(0, BC)
+        j = tl.arange(0, WP)
+        cm = ch < c
+        ch2, j2 = ch[:, None], j[None, :]
+        m2 = cm[:, None] & (j2 < WID)
+        # the window [state (WID-1 taps) | x], in the conv weight's dtype
+        old = tl.load(s_ptr + ch2 * (WID - 1) + j2, mask=m2 & (j2 < WID - 1), other=0.0)
+        new = tl.load(x_ptr + ch2 + 0 * j2, mask=m2 & (j2 == WID - 1), other=0.0)
+        full = tl.where(j2 < WID - 1, old.to(w_ptr.dtype.element_ty), new.to(w_ptr.dtype.element_ty))
+        w = tl.load(w_ptr + ch2 * WID + j2, mask=m2, other=0.0)
+        acc = tl.sum(full.to(tl.float32) * w.to(tl.float32), axis=1)
+        conv = acc.to(w_ptr.dtype.element_ty).to(out_ptr.dtype.element_ty).to(tl.float32)
+        tl.store(out_ptr + ch, (conv / (1.0 + tl.exp(-conv))).to(out_ptr.dtype.element_ty), mask=cm)
+        # the state becomes the window's last WID-1 taps: column j <- column j + 1
+        nxt_old = tl.load(s_ptr + ch2 * (WID - 1) + j2 + 1, mask=m2 & (j2 + 1 < WID - 1), other=0.0)
+        nxt_new = tl.load(x_ptr + ch2 + 0 * j2, mask=m2 & (j2 + 1 == WID - 1), other=0.0)
+        nxt = tl.where(j2 + 1 < WID - 1, nxt_old.to(s_ptr.dtype.element_ty), nxt_new.to(s_ptr.dtype.element_ty))
+        tl.debug_barrier()  # every program reads its own channels only; loads above precede the store
+        tl.store(s_ptr + ch2 * (WID - 1) + j2, nxt, mask=m2 & (j2 < WID - 1))
+
+    @triton.jit
+    def _delta_step(q_ptr, k_ptr, v_ptr, g_ptr, b_ptr, s_ptr, o_ptr, ratio, dv, scale,
+                    DK: tl.constexpr, BV: tl.constexpr):
+        h = tl.program_id(0)
+        cols = tl.program_id(1) * BV + tl.arange(0, BV)
+        cm = cols < dv
+        kh = h // ratio  # key head of this value head
+        d = tl.arange(0, DK)
+        q = tl.load(q_ptr + kh * DK + d).to(tl.float32)
+        k = tl.load(k_ptr + kh * DK + d).to(tl.float32)
+        q = q / tl.sqrt(tl.sum(q * q, axis=0) + 1e-6) * scale
+        k = k / tl.sqrt(tl.sum(k * k, axis=0) + 1e-6)
+        decay = tl.exp(tl.load(g_ptr + h).to(tl.float32))
+        beta = tl.load(b_ptr + h).to(tl.float32)
+        v = tl.load(v_ptr + h * dv + cols, mask=cm, other=0.0).to(tl.float32)
+        sp = s_ptr + h * DK * dv + d[:, None] * dv + cols[None, :]
+        m2 = cm[None, :] & (d[:, None] < DK)
+        s = tl.load(sp, mask=m2, other=0.0) * decay  # [DK, BV] fp32
+        delta = (v - tl.sum(k[:, None] * s, axis=0)) * beta
+        s = s + k[:, None] * delta[None, :]
+        tl.store(sp, s, mask=m2)
+        tl.store(o_ptr + h * dv + cols, tl.sum(q[:, None] * s, axis=0), mask=cm)
+
+    @triton.jit
+    def _gated_rms_norm(x_ptr, z_ptr, w_ptr, y_ptr, n, eps, ROUND: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        cols = tl.arange(0, BLOCK)
+        m = cols < n
+        dt = y_ptr.dtype.element_ty
+        x = tl.load(x_ptr + row * n + cols, mask=m, other=0.0).to(dt).to(tl.float32)
+        normed = (x / tl.sqrt(tl.sum(x * x, axis=0) / n + eps)).to(dt)
+        w = tl.load(w_ptr + cols, mask=m, other=0.0)
+        wn = w.to(tl.float32) * normed.to(tl.float32)  # torch: w * normed, in the promoted dtype
+        if ROUND:
+            wn = wn.to(dt)
+        z = tl.load(z_ptr + row * n + cols, mask=m, other=0.0).to(tl.float32)
+        tl.store(y_ptr + row * n + cols, (wn.to(tl.float32) * (z / (1.0 + tl.exp(-z)))).to(dt), mask=m)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+    """rms_norm(x) (models/layers.py), or with `residual`: (x + residual, rms_norm(x + residual)).
+    x: [..., n] with unit stride in n, at most 3 dims (q/k heads are strided views); residual
+    contiguous like x."""
+    n = x.shape[-1]
+    x3 = x.reshape(-1, 1, n) if x.dim() <= 2 else x
+    assert x3.dim() == 3 and x.stride(-1) == 1 and n <= MAX_ROW, "rms_norm kernel: [..., n] rows, unit stride"
+    rows, inner = x3.shape[0] * x3.shape[1], x3.shape[1]
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    block = triton.next_power_of_2(n)
+    warps = 4 if block >= 2048 else 1
+    if residual is None:
+        _rms_norm[(rows,)](x3, x3, y, y, weight, n, inner, x3.stride(0), x3.stride(1), eps,
+                           HAS_RES=False, BLOCK=block, num_warps=warps)
+        return y
+    assert residual.is_contiguous() and residual.shape == x.shape
+    xo = torch.empty_like(y)
+    _rms_norm[(rows,)](x3, residual, xo, y, weight, n, inner, x3.stride(0), x3.stride(1), eps,
+                       HAS_RES=True, BLOCK=block, num_warps=warps)
+    return xo, y
+
+
+def conv_silu_step(x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+    """One token: silu(causal_conv1d(x)) for x [1, C] (contiguous), weight [C, W]; state [C, W-1]
+    shifted in place."""
+    c, wid = weight.shape
+    assert x.shape == (1, c) and x.is_contiguous() and state.shape == (c, wid - 1) and state.is_contiguous()
+    assert weight.is_contiguous()
+    out = torch.empty_like(x)
+    bc = 128
+    _conv_silu_step[(triton.cdiv(c, bc),)](x, weight, state, out, c, WID=wid, WP=triton.next_power_of_2(wid),
+                                            BC=bc, num_warps=4)
+    return out
+
+
+def delta_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+               state: torch.Tensor) -> torch.Tensor:
+    """One token of gated_delta_rule: q, k [1, Hk, Dk], v [1, Hv, Dv], g, beta [1, Hv]; state fp32
+    [Hv, Dk, Dv] updated in place. Returns out fp32 [1, Hv, Dv]."""
+    _, hk, dk = q.shape
+    hv, dv = v.shape[1], v.shape[2]
+    for t in (q, k, v):
+        assert t.shape[0] == 1 and t.stride(-1) == 1 and t.stride(-2) == t.shape[-1], "delta_step: dense heads"
+    assert state.dtype == torch.float32 and state.is_contiguous() and state.shape == (hv, dk, dv)
+    assert dk == triton.next_power_of_2(dk) and hv % hk == 0
+    out = torch.empty(1, hv, dv, dtype=torch.float32, device=v.device)
+    bv = min(32, triton.next_power_of_2(dv))
+    _delta_step[(hv, triton.cdiv(dv, bv))](q, k, v, g.contiguous(), beta.contiguous(), state, out, hv // hk, dv,
+                                           dk**-0.5, DK=dk, BV=bv, num_warps=4)
+    return out
+
+
+def gated_rms_norm(core: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float,
+                   dtype: torch.dtype) -> torch.Tensor:
+    """layers.gated_rms_norm(core.to(dtype), z, weight, eps) for core [..., n] (any float dtype),
+    z [..., n], both contiguous."""
+    n = core.shape[-1]
+    assert core.is_contiguous() and z.is_contiguous() and z.shape == core.shape and n <= MAX_ROW
+    y = torch.empty(core.shape, dtype=dtype, device=core.device)
+    block = triton.next_power_of_2(n)
+    rnd = torch.promote_types(weight.dtype, dtype) != torch.float32
+    _gated_rms_norm[(core.numel() // n,)](core, z, weight, y, n, eps, ROUND=rnd, BLOCK=block,
+                                          num_warps=1 if block <= 512 else 4)
+    return y

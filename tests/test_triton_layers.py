@@ -1,0 +1,141 @@
+"""The fused decode-layer kernels (backends/triton_layers.py) against the torch functions they replace.
+
+Without a GPU they run in Triton's CPU interpreter (TRITON_INTERPRET=1, set before triton is
+imported); scripts/gpu_check.py runs this file on the H200.
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+pytest.importorskip("triton")
+
+from flashmoe_pack.backends import triton_layers as tl  # noqa: E402
+from flashmoe_pack.models import layers  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def gen(seed):
+    return torch.Generator(device="cpu").manual_seed(seed)
+
+
+def rand(*shape, g, dtype=torch.float32, scale=1.0):
+    return (torch.randn(*shape, generator=g) * scale).to(dtype).to(DEV)
+
+
+def close(got, want, dtype):
+    """Equal up to fp32 reassociation, plus one rounding step of the activation dtype (the interpreter
+    truncates to bfloat16 where the GPU rounds to nearest)."""
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 77), (3, 1000), (1, 5, 24)])
+def test_rms_norm(dtype, shape):
+    g = gen(0)
+    x, w = rand(*shape, g=g, dtype=dtype), rand(shape[-1], g=g, dtype=dtype, scale=0.3)
+    close(tl.rms_norm(x, w, 1e-6), _torch_rms_norm(x, w, 1e-6), dtype)
+
+
+def _torch_rms_norm(x, w, eps):
+    """layers.rms_norm's torch code (layers.rms_norm itself takes the kernel on a GPU)."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (xf * (1.0 + w.float())).to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_of_a_strided_head_view_and_with_residual(dtype):
+    g = gen(1)
+    t, heads, d = 2, 3, 40
+    proj = rand(t, heads * 2 * d, g=g, dtype=dtype)
+    q, _ = proj.view(t, heads, 2 * d).chunk(2, dim=-1)  # the q half of q_proj's [query | gate] heads
+    w = rand(d, g=g, dtype=dtype, scale=0.3)
+    assert not q.is_contiguous()
+    close(tl.rms_norm(q, w, 1e-6), _torch_rms_norm(q, w, 1e-6), dtype)
+    x, h = rand(t, 333, g=g, dtype=dtype), rand(t, 333, g=g, dtype=dtype)
+    w = rand(333, g=g, dtype=dtype, scale=0.3)
+    xo, y = tl.rms_norm(x, w, 1e-6, residual=h)
+    if DEV == "cuda":  # the residual stream rounds exactly as torch's add
+        assert torch.equal(xo, x + h)
+    else:  # Triton's interpreter truncates to bfloat16 where the GPU rounds to nearest
+        close(xo, x + h, dtype)
+    close(y, _torch_rms_norm(x + h, w, 1e-6), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("c,wid", [(300, 4), (129, 3)])
+def test_conv_silu_step_shifts_the_state_in_place(dtype, c, wid):
+    g = gen(2)
+    x, w = rand(1, c, g=g, dtype=dtype), rand(c, wid, g=g, dtype=dtype, scale=0.5)
+    state = rand(c, wid - 1, g=g, dtype=dtype)
+    want_out, want_state = layers.causal_conv1d(x, w, state.clone())
+    got = tl.conv_silu_step(x, w, state)
+    close(got, torch.nn.functional.silu(want_out), dtype)
+    assert torch.equal(state, want_state)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hk,hv,dk,dv", [(2, 6, 16, 24), (1, 1, 32, 40)])
+def test_delta_step_equals_the_recurrent_rule(dtype, hk, hv, dk, dv):
+    g = gen(3)
+    q, k = rand(1, hk, dk, g=g, dtype=dtype), rand(1, hk, dk, g=g, dtype=dtype)
+    v = rand(1, hv, dv, g=g, dtype=dtype)
+    decay = -torch.rand(1, hv, generator=g).to(DEV)
+    beta = torch.rand(1, hv, generator=g).to(dtype).to(DEV)
+    state = rand(hv, dk, dv, g=g)
+    want_out, want_state = layers.gated_delta_rule(q, k, v, decay, beta, state.clone())
+    got = tl.delta_step(q, k, v, decay, beta, state)
+    torch.testing.assert_close(got, want_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(state, want_state, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("wdtype", DTYPES)
+def test_gated_rms_norm(dtype, wdtype):
+    g = gen(4)
+    core = rand(1, 5, 48, g=g)
+    z = rand(1, 5, 48, g=g, dtype=dtype)
+    w = rand(48, g=g, dtype=wdtype)
+    want = _torch_gated(core.to(dtype), z, w, 1e-6)
+    close(tl.gated_rms_norm(core.to(dtype), z, w, 1e-6, dtype), want, dtype)
+
+
+def _torch_gated(x, gate, weight, eps):
+    """layers.gated_rms_norm's torch code."""
+    xf = x.float()
+    normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return ((weight * normed) * torch.nn.functional.silu(gate.float())).to(x.dtype)
+
+
+@pytest.mark.skipif(DEV == "cuda", reason="on the GPU the model uses the kernels already (gpu_check compares)")
+def test_model_decode_through_the_kernels_equals_torch(monkeypatch):
+    """The model's wiring: decode steps with every fused kernel (forced on for CPU tensors) give the
+    torch path's logits and states. fp32: the interpreter's bfloat16 truncation (above) compounds
+    over layers, and the kernels' bfloat16 roundings are checked one by one."""
+    dtype = torch.float32
+    from test_model_qwen3_5_moe import DenseExperts, Qwen35MoeConfig, Qwen35MoeModel, build_hf
+
+    hf = build_hf()
+    w = {k: v.to(dtype) for k, v in hf.state_dict().items()}
+    cfg = Qwen35MoeConfig.from_dict(hf.config.to_dict())
+    m = Qwen35MoeModel(cfg, w, DenseExperts.from_hf(w, cfg.num_hidden_layers))
+    ids = torch.randint(0, 101, (14,), generator=gen(5))
+    plain, fused = m.new_state(), m.new_state()
+    m.forward(ids[:12], plain)
+    m.forward(ids[:12], fused)
+    for t in (12, 13):
+        want = m.forward(ids[t : t + 1], plain)
+        with monkeypatch.context() as mp:
+            mp.setattr(layers, "_fused", lambda x: tl)
+            got = m.forward(ids[t : t + 1], fused)
+        close(got, want, dtype)
+    for i in plain.recurrent:
+        close(fused.recurrent[i], plain.recurrent[i], dtype)
+        close(fused.conv[i], plain.conv[i], dtype)
