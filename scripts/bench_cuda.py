@@ -355,16 +355,17 @@ def graph_counts(m) -> dict:
 
 
 def profile_decode(m, steps: int, sync) -> dict:
-    """Decode step time eager vs CUDA graph (FLASHMOE_CUDA_GRAPH), and torch.profiler's top ops of
-    `steps` eager steps: where a step's time goes."""
+    """Decode step time: CUDA graph or eager (FLASHMOE_CUDA_GRAPH), with or without the fused layer
+    kernels (FLASHMOE_CUDA_LAYER_KERNELS), and torch.profiler's top ops of `steps` eager steps."""
     import torch
 
     out = {}
     state = m.model.new_state()
     logits = m.model.forward(torch.arange(32), state, last_only=True)[-1]
     tok = int(logits.argmax())
-    for name, graph in (("graph", "1"), ("eager", "0")):
-        os.environ["FLASHMOE_CUDA_GRAPH"] = graph
+    for name, graph, kern in (("graph", "1", "1"), ("graph_no_layer_kernels", "1", "0"), ("eager", "0", "1"),
+                              ("eager_no_layer_kernels", "0", "0")):
+        os.environ["FLASHMOE_CUDA_GRAPH"], os.environ["FLASHMOE_CUDA_LAYER_KERNELS"] = graph, kern
         t = time.perf_counter()
         tok = int(m.decode_step(tok, state).argmax())  # captures here
         out[f"first_step_s_{name}"] = time.perf_counter() - t
@@ -373,6 +374,7 @@ def profile_decode(m, steps: int, sync) -> dict:
             tok = int(m.decode_step(tok, state).argmax())
         sync()
         out[f"ms_per_step_{name}"] = (time.perf_counter() - t) * 1e3 / steps
+    os.environ["FLASHMOE_CUDA_GRAPH"], os.environ["FLASHMOE_CUDA_LAYER_KERNELS"] = "0", "1"  # profile: eager
     acts = [torch.profiler.ProfilerActivity.CPU]
     if torch.cuda.is_available():
         acts.append(torch.profiler.ProfilerActivity.CUDA)

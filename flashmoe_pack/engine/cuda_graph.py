@@ -59,7 +59,8 @@ class GraphedDecode:
             kv.reserve(state.pos + 1)
         # what the graph baked in: the state's buffers, the experts object and its slot table, K
         key = (id(state), tuple(t.data_ptr() for t in state.buffers()), id(self.experts),
-               id(self.cache.resident_map()), self.model.config.num_experts_per_tok)
+               id(self.cache.resident_map()), self.model.config.num_experts_per_tok,
+               os.environ.get("FLASHMOE_CUDA_LAYER_KERNELS", "1"))  # (an A/B switch of models/layers.py)
         if key != self.key:
             self._capture(state)
             self.key = key
