@@ -171,12 +171,19 @@ def _conftest():
     return conf
 
 
-def pytest_gpu(out_dir: Path) -> dict:
+def pytest_gpu(out_dir: Path, timeout: float) -> dict:
+    """The GPU tests, within what is left of the budget. On the H200 (16 cores), 2026-12-02: these four files
+    under 16 xdist workers did not finish in 300 s; test_triton_layers + test_gpu_tiers under 8 took 125 s."""
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_triton_kernels.py",
            "tests/test_cuda_backend.py", "tests/test_triton_layers.py", "tests/test_gpu_tiers.py"]
     if importlib.util.find_spec("xdist"):
-        cmd += ["-n", "16"]
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        cmd += ["-n", "8"]
+    try:
+        p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        log_ = "".join(x.decode(errors="replace") if isinstance(x, bytes) else x for x in (e.stdout, e.stderr) if x)
+        (out_dir / "pytest.log").write_text(log_)
+        return {"rc": None, "error": f"timed out after {timeout:.0f} s", "tail": log_[-1500:]}
     (out_dir / "pytest.log").write_text(p.stdout + p.stderr)
     return {"rc": p.returncode, "tail": (p.stdout + p.stderr)[-1500:]}
 
@@ -367,7 +374,7 @@ def main():
     section(res, "graph", graph_check, tmp)
     save()
     if not a.skip_tests:
-        section(res, "pytest", pytest_gpu, a.out)
+        section(res, "pytest", pytest_gpu, a.out, max(60.0, T0 + a.budget_s - time.perf_counter() - 30))
         save()
     if not a.skip_kernels:
         section(res, "kernels", kernel_bench)

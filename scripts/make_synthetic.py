@@ -217,6 +217,29 @@ def to_gguf(cfg: dict, tensors: dict[str, torch.Tensor]) -> list[tuple[str, torc
     return out
 
 
+def check_gguf_writer() -> None:
+    """Fail before writing anything when the installed gguf package cannot write a qwen35moe header."""
+    import re
+
+    import gguf
+
+    used = sorted(set(re.findall(r"\bw\.(add_\w+)\(", Path(__file__).read_text())))
+    missing = [m for m in used if not hasattr(gguf.GGUFWriter, m)]
+    if missing:
+        ver = getattr(gguf, "__version__", None) or _dist_version("gguf")
+        sys.exit(f"--gguf: the installed gguf package ({ver}) lacks GGUFWriter.{', .'.join(missing)}; "
+                 "install gguf >= 0.18")
+
+
+def _dist_version(name: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "unknown version"
+
+
 def gguf_header(path: Path, cfg: dict, seed: int):
     """A GGUFWriter with every key and tensor info written; returns (writer, plan [(name, nbytes)])."""
     import gguf
@@ -446,6 +469,8 @@ def main(argv=None) -> None:
     cfg = text_config(a.geometry, a.layers)
     fm, gg = expected_bytes(cfg)
     need = fm + (gg if a.gguf else 0)
+    if a.gguf:
+        check_gguf_writer()
     a.out.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(a.out).free
     print(f"{a.geometry} x {cfg['num_hidden_layers']} layers: flashmoe-pack {fm / 1e9:.1f} GB"

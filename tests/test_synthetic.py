@@ -126,3 +126,14 @@ def test_parallel_writer_gives_the_same_bytes(synth, tmp_path):
             a, b = json.loads(a), json.loads(b)
             a["synthetic"].pop("gguf"), b["synthetic"].pop("gguf")
         assert a == b, f
+
+
+def test_old_gguf_is_refused_before_anything_is_written(tmp_path, monkeypatch, capsys):
+    import gguf
+
+    ms.check_gguf_writer()  # the installed gguf can write the header
+    monkeypatch.delattr(gguf.GGUFWriter, "add_ssm_group_count")
+    with pytest.raises(SystemExit) as e:
+        ms.main([str(tmp_path / "m"), "--geometry", "tiny", "--gguf", str(tmp_path / "m.gguf")])
+    assert "add_ssm_group_count" in str(e.value)
+    assert not (tmp_path / "m").exists() and not (tmp_path / "m.gguf").exists()
