@@ -1,20 +1,27 @@
 #!/usr/bin/env bash
-# The whole H200 session of the CUDA benchmark in three device calls, each well inside the 10-minute
-# limit; long work runs detached (setsid) and survives between calls while the machine stays warm.
+# The whole H200 session of the CUDA benchmark: one detached pipeline that survives between device calls
+# while the machine stays warm, and calls that wait for it and bring back what it has written so far.
 #
-#   here:   bash scripts/h200_session.sh prep           # wheels -> .whl/, trimmed llama.cpp -> .llama/
-#   device: bash scripts/h200_session.sh start          # carry .whl .llama: build, generate (detached), gpu_check
-#   device: bash scripts/h200_session.sh bench          # bench_cuda.py (detached), waits, copies results
-#   device: bash scripts/h200_session.sh collect        # waits for what is left, copies results
+#   here:   bash scripts/h200_session.sh prep     # wheels -> .whl/, trimmed llama.cpp source -> .llama/
+#   device: bash scripts/h200_session.sh start    # (carry .whl .llama) starts the pipeline, waits ~9 min
+#   device: bash scripts/h200_session.sh wait     # again within the machine's 30 s warm period, until "pipeline done"
 #
-# Results land in $OUT (the device tool's output folder) and in $D/results on the device.
-# Environment: LAYERS (5: both formats of 5 layers of 397B geometry fit the 64 GB disk), JOBS (llama build, 10).
+# The pipeline (about 20-25 minutes, mostly disk-bound):
+#   1. llama-bench built for sm_90 (detached), the C extension, gpu_check.py (GPU correctness and tests)
+#      while the GGUF of STREAM_LAYERS layers of Qwen3.5-397B geometry is written alone;
+#   2. bench_cuda.py streaming, llama.cpp on the GGUF; the GGUF deleted, the pack of the same weights
+#      written; bench_cuda.py --merge streaming, flashmoe-pack: one format at a time, since both formats of
+#      12 layers (47 + 56 GB) do not fit the 64 GB disk together;
+#   3. both formats of RES_LAYERS layers, bench_cuda.py fully resident (both engines, profile of a step).
+# Results: $D/results/{stream,resident}/bench_cuda.{json,md,log} and gpu_check.json, copied to $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-STAGE=${1:?prep|start|bench|collect}
+STAGE=${1:?prep|start|wait|pipeline}
 OUT=${OUT:-$PWD/out}
 D=${D:-/data}
-LAYERS=${LAYERS:-5}
+STREAM_LAYERS=${STREAM_LAYERS:-12}
+RES_LAYERS=${RES_LAYERS:-5}
+DONE=/tmp/fmp-pipeline.done
 mkdir -p "$OUT"
 
 wait_for() {  # FILE SECONDS: wait until FILE exists or SECONDS passed
@@ -28,11 +35,60 @@ device_env() {
         python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
     fi
     export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
-    mkdir -p "$D/results" || { D=/tmp/data; mkdir -p "$D/results"; }
+    mkdir -p "$D/results" 2>/dev/null || { D=/tmp/data; mkdir -p "$D/results"; }
+}
+
+step() { echo "[$(date +%T)] $*" | tee -a "$D/results/pipeline.log"; }
+
+collect() {
+    for f in "$D"/results/pipeline.log "$D"/results/gpu_check.json "$D"/results/stream/bench_cuda.{json,md} \
+        "$D"/results/resident/bench_cuda.{json,md}; do
+        [ -e "$f" ] && cp "$f" "$OUT/$(basename "$(dirname "$f")")_$(basename "$f")"
+    done
+    cat "$D/results/pipeline.log" 2>/dev/null
+    cat "$D"/results/*/bench_cuda.md 2>/dev/null || true
+}
+
+pipeline() {
+    device_env
+    step "start: $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader), $(nproc) cores, $(df -h "$D" | tail -1)"
+    rm -rf /tmp/ll && mkdir -p /tmp/ll
+    local REPO=$PWD
+    (cd /tmp/ll && tar xJf "$REPO/.llama/llama-src.tar.xz" && cd llama.cpp &&
+        cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
+            -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF \
+            -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF >/tmp/ll/cmake.log 2>&1 &&
+        nice -n 10 cmake --build build --target llama-bench -j 10 >/tmp/ll/build.log 2>&1
+        echo $? >/tmp/ll/done) &
+    python3 setup.py build_ext --inplace -q >/tmp/ext.log 2>&1 || step "C extension failed: $(tail -3 /tmp/ext.log)"
+    local G=$D/m$STREAM_LAYERS
+    (nice -n 5 python3 scripts/make_synthetic.py --gguf "$G.gguf" --layers "$STREAM_LAYERS" --jobs 6 \
+        >"$D/results/gen1.log" 2>&1; echo $? >/tmp/gen1.done) &
+    step "gpu_check"
+    python3 scripts/gpu_check.py --out "$D/results" --skip-kernels --skip-ncu --budget-s 420 >"$D/results/gpu_check.log" 2>&1
+    step "gpu_check rc $? ($(grep -o "pytest rc [^ ]*" "$D/results/gpu_check.log"))"
+    wait_for /tmp/gen1.done 900; step "GGUF written: rc $(cat /tmp/gen1.done)"
+    wait_for /tmp/ll/done 900; step "llama-bench build rc $(cat /tmp/ll/done)"
+    local LB=/tmp/ll/llama.cpp/build/bin/llama-bench
+    [ -x "$LB" ] || step "no llama-bench: $(tail -5 /tmp/ll/build.log /tmp/ll/cmake.log 2>&1)"
+    local B=(python3 scripts/bench_cuda.py "$G" "$G.gguf" --llama-bench "$LB" --out "$D/results/stream" --merge)
+    "${B[@]}" --skip resident >"$D/results/stream.log" 2>&1; step "llama.cpp streaming rc $?"
+    rm -f "$G.gguf"
+    nice -n 5 python3 scripts/make_synthetic.py "$G" --layers "$STREAM_LAYERS" --jobs 6 >>"$D/results/gen1.log" 2>&1
+    step "pack written: rc $?"
+    "${B[@]}" --skip resident >>"$D/results/stream.log" 2>&1; step "flashmoe streaming rc $?"
+    rm -rf "$G"
+    local R=$D/m$RES_LAYERS
+    nice -n 5 python3 scripts/make_synthetic.py "$R" --layers "$RES_LAYERS" --gguf "$R.gguf" --jobs 6 >"$D/results/gen2.log" 2>&1
+    step "resident pair written: rc $?"
+    python3 scripts/bench_cuda.py "$R" "$R.gguf" --llama-bench "$LB" --out "$D/results/resident" --skip stream \
+        >"$D/results/resident.log" 2>&1
+    step "resident rc $?"
+    touch $DONE
 }
 
 case "$STAGE" in
-prep)  # on the development machine: what the device cannot fetch
+prep) # on the development machine: what the device cannot fetch
     mkdir -p .whl .llama
     for p in jsonschema==4.25.1 jsonschema-specifications==2025.9.1 referencing==0.36.2 rpds-py==0.27.1 gguf==0.19.0; do
         python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -40,11 +96,10 @@ prep)  # on the development machine: what the device cannot fetch
             -d .whl "$p" || exit 1
     done
     tmp=$(mktemp -d)
-    python3 -m pip download -q --no-deps llama-cpp-python==0.3.36 -d "$tmp" ||
-        echo "pip could not prepare the sdist; fetch llama_cpp_python-0.3.36.tar.gz into $tmp by hand"
+    python3 -m pip download -q --no-deps llama-cpp-python==0.3.36 -d "$tmp" || exit 1
     tar xzf "$tmp"/llama_cpp_python-0.3.36.tar.gz -C "$tmp" || exit 1
     src="$tmp/llama_cpp_python-0.3.36/vendor"
-    # llama-bench needs ggml, src, common, vendor, tools and app (the CMake files name them); not the rest
+    # llama-bench needs ggml, src, common, vendor, tools and app (CMake names them); not the rest
     rm -rf "$src"/llama.cpp/{models,docs,media,tests,examples,benches,pocs,gguf-py,skills,tools/ui}
     tar cJf .llama/llama-src.tar.xz -C "$src" llama.cpp && rm -rf "$tmp"
     grep -qx '/.whl/' .git/info/exclude || echo /.whl/ >>.git/info/exclude
@@ -52,43 +107,21 @@ prep)  # on the development machine: what the device cannot fetch
     du -sh .whl .llama
     ;;
 start)
-    device_env
-    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; nproc; df -h "$D" | tail -1
-    rm -rf /tmp/ll && mkdir -p /tmp/ll
-    setsid bash -c "cd /tmp/ll && tar xJf $PWD/.llama/llama-src.tar.xz && cd llama.cpp &&
-        cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
-          -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF \
-          -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF > /tmp/ll/cmake.log 2>&1 &&
-        nice -n 10 cmake --build build --target llama-bench -j ${JOBS:-10} > /tmp/ll/build.log 2>&1;
-        echo \$? > /tmp/ll/done" </dev/null >/dev/null 2>&1 &
-    python3 setup.py build_ext --inplace -q >/tmp/ext.log 2>&1 || tail -20 /tmp/ext.log
-    setsid bash -c "nice -n 5 python3 scripts/make_synthetic.py $D/m --geometry qwen35-397b --layers $LAYERS \
-        --gguf $D/m.gguf --jobs 5 > /tmp/gen.log 2>&1; echo \$? > /tmp/gen.done" </dev/null >/dev/null 2>&1 &
-    timeout 500 python3 scripts/gpu_check.py --out "$OUT" --skip-kernels --skip-ncu --budget-s 480 2>&1 |
-        tee "$OUT/gpu_check.log" | grep -A80 '==== summary'
-    cp "$OUT"/gpu_check.json "$D/results/" 2>/dev/null
-    tail -2 /tmp/gen.log; tail -2 /tmp/ll/cmake.log /tmp/ll/build.log 2>/dev/null
+    rm -f $DONE
+    setsid bash "$0" pipeline </dev/null >/tmp/fmp-pipeline.out 2>&1 &
+    wait_for $DONE "${WAIT_S:-540}" && echo "pipeline done"
+    collect
     ;;
-bench)
-    device_env
-    wait_for /tmp/gen.done 240 || { echo "generator not done"; tail -5 /tmp/gen.log; exit 1; }
-    wait_for /tmp/ll/done 120 || echo "llama-bench not built yet: llama.cpp rows will be missing"
-    LB=/tmp/ll/llama.cpp/build/bin/llama-bench
-    [ -x "$LB" ] || { tail -20 /tmp/ll/build.log /tmp/ll/cmake.log 2>/dev/null; LB=""; }
-    setsid bash -c "python3 scripts/bench_cuda.py $D/m $D/m.gguf ${LB:+--llama-bench $LB} --out $D/results \
-        > $D/results/bench_cuda.log 2>&1; echo \$? > /tmp/bench.done" </dev/null >/dev/null 2>&1 &
-    wait_for /tmp/bench.done 520
-    cp "$D"/results/bench_cuda.{json,md,log} "$OUT/" 2>/dev/null
-    cat "$D/results/bench_cuda.md" 2>/dev/null || tail -30 "$D/results/bench_cuda.log"
+wait)
+    wait_for $DONE "${WAIT_S:-560}" && echo "pipeline done"
+    device_env >/dev/null
+    collect
     ;;
-collect)
-    device_env
-    wait_for /tmp/bench.done 540
-    cp "$D"/results/bench_cuda.{json,md,log} "$OUT/" 2>/dev/null
-    cat "$D/results/bench_cuda.md" 2>/dev/null || tail -30 "$D/results/bench_cuda.log"
+pipeline)
+    pipeline
     ;;
 *)
-    echo "unknown stage $STAGE (prep|start|bench|collect)" >&2
+    echo "unknown stage $STAGE (prep|start|wait|pipeline)" >&2
     exit 2
     ;;
 esac

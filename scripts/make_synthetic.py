@@ -1,12 +1,14 @@
 """Seeded synthetic Qwen3.5-MoE models of real geometry, for benchmarks (never committed).
 
     python scripts/make_synthetic.py OUT --geometry qwen35-397b --layers 8 [--gguf OUT.gguf] [--seed 0] [--jobs 9]
+    python scripts/make_synthetic.py --gguf OUT.gguf --geometry qwen35-397b --layers 12   # the GGUF alone
 
 Writes OUT as a complete flashmoe-pack model straight in the packed format (SPEC.md; no quantize
 step: expert records are written in place with a correct index and real xxhashes, resident tensors
 in bf16) and, with --gguf, the same weights as a llama.cpp GGUF (architecture `qwen35moe`, the
 tensor names and HF->GGUF conversions of llama.cpp's convert_hf_to_gguf.py) whose routed experts
-are Q4_0 and whose other matrices are BF16.
+are Q4_0 and whose other matrices are BF16. Either can be written alone (same values), so a disk too
+small for both holds one at a time.
 
 Experts are 4-bit affine groups of 32 with bias = -8 * scale and fp16 scales, which is exactly
 GGUF's Q4_0 block (d = scale, same q): both files hold bit-identical expert values. MLX packing puts
@@ -319,49 +321,56 @@ def _gguf_offsets(writer, plan) -> tuple[dict[str, int], int]:
     return offs, pos
 
 
-def _write_layer(out: Path, cfg: dict, seed: int, layer: int | None, gguf_path: Path | None,
-                 gguf_offs: dict[str, int] | None) -> tuple[dict, dict | None]:
-    """One layer (None: embedding, final norm, lm_head): its resident part file, its expert file, and its
-    tensors of the GGUF written in place at their offsets. Returns (resident index entries, layer entry)."""
+def _write_layer(out: Path | None, cfg: dict, seed: int, layer: int | None, gguf_path: Path | None,
+                 gguf_offs: dict[str, int] | None) -> tuple[dict | None, dict | None]:
+    """One layer (None: embedding, final norm, lm_head): its resident part file and its expert file (when
+    `out` is set), and its tensors of the GGUF written in place at their offsets (when `gguf_path` is set).
+    Returns (resident index entries, layer entry), None for what was not written."""
     h, inter = cfg["hidden_size"], cfg["moe_intermediate_size"]
     e = cfg["num_experts"]
     lay = fmt.record_layout(h, inter, 4, GROUP, "float16")
     gfd = os.open(gguf_path, os.O_WRONLY) if gguf_path else None
+    fd = None
     try:
         tensors = resident(cfg, layer, seed)
-        part = f"part-{0 if layer is None else layer + 1:05d}.safetensors"
-        save_file(tensors, str(out / fmt.RESIDENT_DIR / part))
-        res_index = {name: {"file": f"{fmt.RESIDENT_DIR}/{part}", "dtype": fmt.DTYPE_NAMES[x.dtype],
-                            "shape": list(x.shape), "xxh64": xxhash.xxh64(fmt.tensor_bytes(x)).hexdigest()}
-                     for name, x in tensors.items()}
+        res_index = None
+        if out is not None:
+            part = f"part-{0 if layer is None else layer + 1:05d}.safetensors"
+            save_file(tensors, str(out / fmt.RESIDENT_DIR / part))
+            res_index = {name: {"file": f"{fmt.RESIDENT_DIR}/{part}", "dtype": fmt.DTYPE_NAMES[x.dtype],
+                                "shape": list(x.shape), "xxh64": xxhash.xxh64(fmt.tensor_bytes(x)).hexdigest()}
+                         for name, x in tensors.items()}
         if gfd is not None:
             for name, x in to_gguf(cfg, tensors):
                 os.pwrite(gfd, _bytes(x), gguf_offs[name])
         del tensors
         if layer is None:
             return res_index, None
-        path = out / fmt.expert_file_name(layer)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-        os.ftruncate(fd, fmt.expert_file_bytes(e, lay))
-        os.pwrite(fd, fmt.pack_header(layer, e, lay), 0)
+        if out is not None:
+            fd = os.open(out / fmt.expert_file_name(layer), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.ftruncate(fd, fmt.expert_file_bytes(e, lay))
+            os.pwrite(fd, fmt.pack_header(layer, e, lay), 0)
         for proj, (rows, cols) in expert_shapes(cfg).items():
             gbase = gguf_offs[f"blk.{layer}.ffn_{proj}_exps.weight"] if gfd is not None else 0
             per = rows * cols // GROUP * 18  # one expert's Q4_0 bytes
             for x in range(e):
                 qs, sc = expert_proj(seed, layer, proj, x, rows, cols)
-                base = fmt.expert_offset(x, lay.stride)
-                for part_name, arr in (("weight", qs), ("scales", sc), ("biases", sc * np.float16(-8))):
-                    os.pwrite(fd, arr.tobytes(), base + lay.component(f"{proj}.{part_name}").offset)
+                if fd is not None:
+                    base = fmt.expert_offset(x, lay.stride)
+                    for part_name, arr in (("weight", qs), ("scales", sc), ("biases", sc * np.float16(-8))):
+                        os.pwrite(fd, arr.tobytes(), base + lay.component(f"{proj}.{part_name}").offset)
                 if gfd is not None:
                     os.pwrite(gfd, mlx_to_q4_0(qs, sc).tobytes(), gbase + x * per)
+        if fd is None:
+            return None, None
         hashes = [xxhash.xxh64(os.pread(fd, lay.record_bytes, fmt.expert_offset(x, lay.stride))).hexdigest()
                   for x in range(e)]
-        os.close(fd)
         return res_index, {"layer": layer, "file": fmt.expert_file_name(layer),
                            "file_bytes": fmt.expert_file_bytes(e, lay), "xxh64": hashes}
     finally:
-        if gfd is not None:
-            os.close(gfd)
+        for f in (fd, gfd):
+            if f is not None:
+                os.close(f)
 
 
 def _forked(items: list, jobs: int, fn, done_cb=None) -> dict:
@@ -403,16 +412,20 @@ def _forked(items: list, jobs: int, fn, done_cb=None) -> dict:
     return results
 
 
-def write(out: Path, cfg: dict, seed: int = 0, gguf_path: Path | None = None, progress: bool = True,
+def write(out: Path | None, cfg: dict, seed: int = 0, gguf_path: Path | None = None, progress: bool = True,
           jobs: int = 1) -> Path:
-    """Write the flashmoe-pack model at `out` (and the GGUF at gguf_path); returns out. `jobs` > 1 writes
-    that many layers at once in worker processes (same bytes: every tensor has its own generator and
-    every write goes to a fixed offset)."""
-    out = Path(out)
-    if (out / fmt.INDEX_NAME).exists():
-        raise FileExistsError(f"{out} already holds a model")
-    (out / fmt.EXPERT_DIR).mkdir(parents=True, exist_ok=True)
-    (out / fmt.RESIDENT_DIR).mkdir(exist_ok=True)
+    """Write the flashmoe-pack model at `out` and/or the GGUF at gguf_path (the same values either way, so
+    on a small disk one can be written, benchmarked and deleted before the other); returns out, or
+    gguf_path when `out` is None. `jobs` > 1 writes that many layers at once in worker processes (same
+    bytes: every tensor has its own generator and every write goes to a fixed offset)."""
+    if out is None and gguf_path is None:
+        raise ValueError("nothing to write: neither a model folder nor a GGUF path")
+    if out is not None:
+        out = Path(out)
+        if (out / fmt.INDEX_NAME).exists():
+            raise FileExistsError(f"{out} already holds a model")
+        (out / fmt.EXPERT_DIR).mkdir(parents=True, exist_ok=True)
+        (out / fmt.RESIDENT_DIR).mkdir(exist_ok=True)
     h, inter = cfg["hidden_size"], cfg["moe_intermediate_size"]
     n, e = cfg["num_hidden_layers"], cfg["num_experts"]
     lay = fmt.record_layout(h, inter, 4, GROUP, "float16")
@@ -433,6 +446,8 @@ def write(out: Path, cfg: dict, seed: int = 0, gguf_path: Path | None = None, pr
         results = _forked(todo, jobs, lambda layer: _write_layer(out, cfg, seed, layer, gguf_path, offs),
                           (lambda layer, k: print(f"{k}/{len(todo)} parts written (layer {layer})", file=sys.stderr,
                                                   flush=True)) if progress else None)
+    if out is None:
+        return Path(gguf_path)
     res_index, layers = {}, []
     for layer in todo:
         part, entry = results[layer]
@@ -459,22 +474,26 @@ def write(out: Path, cfg: dict, seed: int = 0, gguf_path: Path | None = None, pr
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("out", type=Path)
+    ap.add_argument("out", type=Path, nargs="?", help="the flashmoe-pack model folder (leave out: GGUF only)")
     ap.add_argument("--geometry", choices=sorted(GEOMETRIES), default="qwen35-397b")
     ap.add_argument("--layers", type=int, default=None, help="number of layers (default: the model's own)")
-    ap.add_argument("--gguf", type=Path, default=None, help="also write this GGUF for llama.cpp")
+    ap.add_argument("--gguf", type=Path, default=None, help="also (or, without OUT, only) write this GGUF")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--jobs", type=int, default=1, help="layers written at once (worker processes)")
     a = ap.parse_args(argv)
+    if a.out is None and a.gguf is None:
+        ap.error("give OUT (the flashmoe-pack model), --gguf PATH, or both")
     cfg = text_config(a.geometry, a.layers)
     fm, gg = expected_bytes(cfg)
-    need = fm + (gg if a.gguf else 0)
+    need = (fm if a.out else 0) + (gg if a.gguf else 0)
     if a.gguf:
         check_gguf_writer()
-    a.out.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(a.out).free
-    print(f"{a.geometry} x {cfg['num_hidden_layers']} layers: flashmoe-pack {fm / 1e9:.1f} GB"
-          + (f", GGUF {gg / 1e9:.1f} GB" if a.gguf else "") + f"; {free / 1e9:.1f} GB free", file=sys.stderr)
+    where = a.out if a.out is not None else a.gguf.parent
+    where.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(where).free
+    sizes = ([f"flashmoe-pack {fm / 1e9:.1f} GB"] if a.out else []) + ([f"GGUF {gg / 1e9:.1f} GB"] if a.gguf else [])
+    print(f"{a.geometry} x {cfg['num_hidden_layers']} layers: {', '.join(sizes)}; {free / 1e9:.1f} GB free",
+          file=sys.stderr)
     if need > free - (2 << 30):
         sys.exit(f"not enough disk space: need {need / 1e9:.1f} GB + 2 GiB margin, {free / 1e9:.1f} GB free")
     write(a.out, cfg, a.seed, a.gguf, jobs=a.jobs)

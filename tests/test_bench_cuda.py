@@ -42,15 +42,82 @@ def test_gguf_k_rewrite_round_trip(synth):
 
 
 def test_floors():
-    ix = SimpleNamespace(layers=[0] * 5, num_experts=512, layout=SimpleNamespace(record_bytes=7864320))
-    fl = bc.floors(SimpleNamespace(k=[10]), ix, 7077888, gpu_layers=1, host_bytes=7864320 * 512, h2d=50.0,
-                   disk=1.0)
+    geo = {"layers": 5, "experts": 512, "record_bytes": 7864320, "gguf_expert_bytes": 7077888}
+    fl = bc.floors(SimpleNamespace(k=[10]), geo, gpu_layers=1, host_bytes=7864320 * 512, h2d=50.0, disk=1.0)
     f = fl["flashmoe"][10]
     assert f["f"] == pytest.approx(0.4)  # 1 layer in VRAM + 1 layer's worth in host memory, of 5
     assert f["disk_bytes"] == pytest.approx(10 * 5 * 7864320 * 0.6)
     assert f["pcie_bytes"] == pytest.approx(10 * 5 * 7864320 * 0.8)
     assert f["tok_s"] == pytest.approx(1e9 / f["disk_bytes"])  # disk-bound at 1 GB/s
     assert fl["llama.cpp"][10]["pcie_bytes"] == 0.0
+
+
+def test_geometry_and_expert_reads_from_either_format(synth):
+    """With only the GGUF on disk (one format at a time) the benchmark sees the same geometry and sizes as
+    with the pack, and its disk floor reads the GGUF's expert slices."""
+    out, gg = synth
+    a, b = bc.geometry(out, gg), bc.geometry(None, gg)
+    cfg = ms.text_config("tiny")
+    assert a == b and not a["gguf_bytes_estimated"]
+    assert (a["layers"], a["experts"]) == (cfg["num_hidden_layers"], cfg["num_experts"])
+    est = bc.geometry(out, gg.with_name("absent.gguf"))
+    assert est["gguf_bytes_estimated"] and 0.8 < est["gguf_bytes"] / a["gguf_bytes"] < 1.25
+    for chunks, n_per_expert in ((bc.expert_chunks(a, out, gg), 1), (bc.expert_chunks(b, None, gg), 3)):
+        assert len(chunks) == a["layers"] * a["experts"] * n_per_expert
+        assert all(off % 4096 == 0 and size % 4096 == 0 for _, off, size in chunks)
+        total = sum(size for _, _, size in chunks)
+        need = a["layers"] * a["experts"] * (a["record_bytes"] if n_per_expert == 1 else a["gguf_expert_bytes"])
+        assert need <= total
+        r = bc.read_gbs(chunks, n=16, threads=2)
+        assert r["GB_s"] > 0 and r["bytes"] >= 16 * 4096
+
+
+def test_one_format_at_a_time_merges(synth, tmp_path, monkeypatch):
+    """The small-disk flow: the GGUF alone (llama.cpp runs), then the pack alone with --merge (flashmoe
+    runs): one JSON and one table with both engines and each engine's own floor."""
+    import json
+    import shutil
+    import sys
+
+    out, gg = synth
+    d = tmp_path / "d"
+    d.mkdir()
+    shutil.copy(gg, d / "m.gguf")
+    lb = tmp_path / "llama-bench"
+    lb.write_text("")
+    monkeypatch.setattr(bc, "h2d_gbs", lambda: 50.0)
+    monkeypatch.setattr(bc, "setup_cgroup", lambda limit: "no cgroup in tests")
+    monkeypatch.setattr(bc, "drop_caches", lambda: False)
+    ran = []
+
+    def fake_llama(args, k, ncmoe, prompt, tokens, reps, limited, timeout):
+        ran.append(("llama", k))
+        return {"K": k, "decode_tok_s": 1.0, "ttft_s": 9.0, "disk_bytes_per_tok": 1e6, "disk_GB_s": 0.5,
+                "pcie_rx_MB_s_dmon": None}
+
+    def fake_flashmoe(args, spec, limited, timeout):
+        ran.append(("flashmoe", spec["ks"][0]))
+        return {"runs": [{"K": spec["ks"][0], "decode_tok_s": 3.0, "ttft_s": 8.0, "vram_hit": 0.2, "host_hit": 0.3,
+                          "combined_hit": 0.44, "disk_bytes_per_tok": 5e5, "disk_GB_s": 0.6, "pcie_GB_s": 1.0,
+                          "host_budget_bytes": 1 << 20}]}
+
+    monkeypatch.setattr(bc, "run_llama", fake_llama)
+    monkeypatch.setattr(bc, "run_flashmoe", fake_flashmoe)
+    argv = ["bench_cuda.py", str(d / "m"), str(d / "m.gguf"), "--llama-bench", str(lb), "--out", str(tmp_path / "o"),
+            "--merge", "--skip", "resident", "--k", "2", "1"]
+    monkeypatch.setattr(sys, "argv", argv)
+    bc.main()  # phase 1: the GGUF alone
+    assert ran == [("llama", 2), ("llama", 1)]
+    (d / "m.gguf").unlink()
+    shutil.copytree(out, d / "m")
+    bc.main()  # phase 2: the pack alone, merged
+    assert ran[2:] == [("flashmoe", 2), ("flashmoe", 1)]
+    res = json.loads((tmp_path / "o" / "bench_cuda.json").read_text())
+    assert [ph["engines"] for ph in res["phases"]] == [["llama.cpp"], ["flashmoe"]]
+    assert set(res["floors"]) == {"flashmoe", "llama.cpp"} and not res["gguf_bytes_estimated"]
+    table = (tmp_path / "o" / "bench_cuda.md").read_text()
+    assert table.count("| streaming | flashmoe |") == 2 and table.count("| streaming | llama.cpp |") == 2
+    assert "llama.cpp: " in table and "flashmoe: " in table  # each phase's disk speed
 
 
 def test_engine_run_on_cpu(synth):

@@ -137,3 +137,15 @@ def test_old_gguf_is_refused_before_anything_is_written(tmp_path, monkeypatch, c
         ms.main([str(tmp_path / "m"), "--geometry", "tiny", "--gguf", str(tmp_path / "m.gguf")])
     assert "add_ssm_group_count" in str(e.value)
     assert not (tmp_path / "m").exists() and not (tmp_path / "m.gguf").exists()
+
+
+def test_gguf_alone_equals_gguf_written_with_the_pack(synth, tmp_path):
+    """One format at a time (a small disk): the GGUF written alone is byte for byte the one written
+    beside the pack, and no pack is written."""
+    _, gpath = synth
+    alone = tmp_path / "alone.gguf"
+    ms.main(["--geometry", "tiny", "--gguf", str(alone), "--seed", "7", "--jobs", "2"])
+    assert alone.read_bytes() == gpath.read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["alone.gguf"]
+    with pytest.raises(SystemExit):
+        ms.main(["--geometry", "tiny"])  # nothing to write
