@@ -12,7 +12,8 @@
 #   2. bench_cuda.py streaming, llama.cpp on the GGUF; the GGUF deleted, the pack of the same weights
 #      written; bench_cuda.py --merge streaming, flashmoe-pack: one format at a time, since both formats of
 #      12 layers (47 + 56 GB) do not fit the 64 GB disk together;
-#   3. both formats of RES_LAYERS layers, bench_cuda.py fully resident (both engines, profile of a step).
+#   3. both formats of RES_LAYERS layers, bench_cuda.py fully resident (both engines, profile of a step);
+#   4. the naive baseline, transformers + accelerate offload, on 2 layers beside flashmoe-pack on the same 2.
 # Results: $D/results/{stream,resident}/bench_cuda.{json,md,log} and gpu_check.json, copied to $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -41,8 +42,8 @@ device_env() {
 step() { echo "[$(date +%T)] $*" | tee -a "$D/results/pipeline.log"; }
 
 collect() {
-    for f in "$D"/results/pipeline.log "$D"/results/gpu_check.json "$D"/results/stream/bench_cuda.{json,md} \
-        "$D"/results/resident/bench_cuda.{json,md}; do
+    for f in "$D"/results/pipeline.log "$D"/results/gpu_check.json "$D"/results/{stream,resident}/bench_cuda.{json,md} \
+        "$D"/results/two/bench_cuda.json "$D"/results/transformers/transformers.json; do
         [ -e "$f" ] && cp "$f" "$OUT/$(basename "$(dirname "$f")")_$(basename "$f")"
     done
     cat "$D/results/pipeline.log" 2>/dev/null
@@ -84,6 +85,21 @@ pipeline() {
     python3 scripts/bench_cuda.py "$R" "$R.gguf" --llama-bench "$LB" --out "$D/results/resident" --skip stream \
         >"$D/results/resident.log" 2>&1
     step "resident rc $?"
+    # the naive baseline last (it may not finish inside the session's device time): transformers +
+    # accelerate offload on 2 layers (bf16 experts are 3.2x the 4-bit bytes: 2 layers = 30 GB), beside
+    # flashmoe-pack streaming the same 2 layers under the same host limit (24 GB x 2-layer GGUF / 54.9 GB)
+    rm -rf "$R" "$R.gguf"
+    local T=$D/m2
+    nice -n 5 python3 scripts/make_synthetic.py "$T" --layers 2 --jobs 2 >"$D/results/gen3.log" 2>&1
+    python3 scripts/bench_cuda.py "$T" "$T.gguf" --out "$D/results/two" --skip resident --gpu-layers 1 \
+        --mem-limit 5.18e9 >"$D/results/two.log" 2>&1
+    step "flashmoe 2 layers rc $?"
+    python3 scripts/bench_transformers.py export "$T" "$D/hf2" --layers 2 --jobs 16 >"$D/results/export.log" 2>&1
+    step "transformers export rc $?"
+    mkdir -p "$D/results/transformers"
+    python3 scripts/bench_transformers.py run "$D/hf2" --k 10 4 --vram-experts 12e9 --mem-limit 5.18e9 --drop-caches \
+        --time-cap 90 --timeout 400 --json "$D/results/transformers/transformers.json" >"$D/results/transformers.log" 2>&1
+    step "transformers rc $?"
     touch $DONE
 }
 
