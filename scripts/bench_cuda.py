@@ -465,8 +465,9 @@ def profile_decode(m, steps: int, sync) -> dict:
 def run_flashmoe(args, spec: dict, limited: bool, timeout: int) -> dict:
     drop_caches()
     cmd = in_cgroup([sys.executable, __file__, "--engine-run", json.dumps(spec)], limited)
+    env = {**os.environ, **spec.get("env", {})}
     with Sampler() as smp:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     (args.out / "engine.log").open("a").write(p.stderr)
     if p.returncode != 0:
         return {"error": f"rc {p.returncode}: {p.stderr[-1500:]}", "peak": cgroup_peak() if limited else None}
@@ -556,6 +557,9 @@ def main():
     ap.add_argument("--threads", type=int, default=16, help="flashmoe reader threads")
     ap.add_argument("--cpu-threads", type=int, default=16, help="llama.cpp threads")
     ap.add_argument("--skip", nargs="*", default=[], help="flashmoe llama resident stream")
+    ap.add_argument("--overlap-ab", action="store_true",
+                    help="also run flashmoe streaming with FLASHMOE_CUDA_SERIAL=1 (what overlapping reads, copies "
+                    "and kernels buys)")
     ap.add_argument("--engine-run", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.engine_run:
@@ -614,6 +618,12 @@ def main():
                                                         limited, 400)
             log(json.dumps(res[f"flashmoe_stream_K{k}"])[:600])
             save()
+            if args.overlap_ab:
+                log("flashmoe stream, serial, K", k)
+                res[f"flashmoe_serial_K{k}"] = run_flashmoe(
+                    args, {**budget, "ks": [k], "tokens": args.tokens, "env": {"FLASHMOE_CUDA_SERIAL": "1"}},
+                    limited, 400)
+                save()
     if "llama" not in args.skip and "stream" not in args.skip:
         for k in args.k:
             log("llama.cpp stream K", k)
@@ -674,6 +684,13 @@ def table(res: dict, args) -> str:
                         f"{_f(f)} | {r['decode_tok_s'] / f * 100:.0f}% |")
         elif f"flashmoe_stream_K{k}" in res:
             rows.append(f"| streaming | flashmoe | {k} | failed: {str(res[f'flashmoe_stream_K{k}'])[:200]} |")
+        r0 = (res.get(f"flashmoe_serial_K{k}", {}).get("runs") or [None])[0]
+        if r and r0:
+            rows.append(f"| streaming, no overlap | flashmoe | {k} | {_f(r0['decode_tok_s'])} | "
+                        f"{_f(r0['ttft_s'], '{:.1f}')} | {r0['vram_hit'] * 100:.0f}% | {r0['host_hit'] * 100:.0f}% | "
+                        f"{r0['disk_bytes_per_tok'] / 1e6:.0f} | {_f(r0['disk_GB_s'])} | {_f(r0['pcie_GB_s'])} | "
+                        f"- | overlap buys {r['decode_tok_s'] / r0['decode_tok_s']:.2f}x decode, "
+                        f"{r0['ttft_s'] / r['ttft_s']:.2f}x TTFT |")
         q = res.get(f"llama_stream_K{k}")
         if q and "decode_tok_s" in q:
             f = fl["llama.cpp"][k]["tok_s"]

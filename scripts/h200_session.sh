@@ -13,7 +13,8 @@
 #      written; bench_cuda.py --merge streaming, flashmoe-pack: one format at a time, since both formats of
 #      12 layers (47 + 56 GB) do not fit the 64 GB disk together;
 #   3. both formats of RES_LAYERS layers, bench_cuda.py fully resident (both engines, profile of a step);
-#   4. the naive baseline, transformers + accelerate offload, on 2 layers beside flashmoe-pack on the same 2.
+#   4. on 2 layers: flashmoe-pack streaming with and without overlap (FLASHMOE_CUDA_SERIAL=1), and the naive
+#      baseline, transformers + accelerate offload, on the same 2 layers.
 # Results: $D/results/{stream,resident}/bench_cuda.{json,md,log} and gpu_check.json, copied to $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -91,7 +92,7 @@ pipeline() {
     rm -rf "$R" "$R.gguf"
     local T=$D/m2
     nice -n 5 python3 scripts/make_synthetic.py "$T" --layers 2 --jobs 2 >"$D/results/gen3.log" 2>&1
-    python3 scripts/bench_cuda.py "$T" "$T.gguf" --out "$D/results/two" --skip resident --gpu-layers 1 \
+    python3 scripts/bench_cuda.py "$T" "$T.gguf" --out "$D/results/two" --skip resident --gpu-layers 1 --overlap-ab \
         --mem-limit 5.18e9 >"$D/results/two.log" 2>&1
     step "flashmoe 2 layers rc $?"
     python3 scripts/bench_transformers.py export "$T" "$D/hf2" --layers 2 --jobs 16 >"$D/results/export.log" 2>&1

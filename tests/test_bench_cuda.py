@@ -96,7 +96,7 @@ def test_one_format_at_a_time_merges(synth, tmp_path, monkeypatch):
                 "pcie_rx_MB_s_dmon": None}
 
     def fake_flashmoe(args, spec, limited, timeout):
-        ran.append(("flashmoe", spec["ks"][0]))
+        ran.append(("flashmoe", spec["ks"][0], spec.get("env", {}).get("FLASHMOE_CUDA_SERIAL")))
         return {"runs": [{"K": spec["ks"][0], "decode_tok_s": 3.0, "ttft_s": 8.0, "vram_hit": 0.2, "host_hit": 0.3,
                           "combined_hit": 0.44, "disk_bytes_per_tok": 5e5, "disk_GB_s": 0.6, "pcie_GB_s": 1.0,
                           "host_budget_bytes": 1 << 20}]}
@@ -104,19 +104,20 @@ def test_one_format_at_a_time_merges(synth, tmp_path, monkeypatch):
     monkeypatch.setattr(bc, "run_llama", fake_llama)
     monkeypatch.setattr(bc, "run_flashmoe", fake_flashmoe)
     argv = ["bench_cuda.py", str(d / "m"), str(d / "m.gguf"), "--llama-bench", str(lb), "--out", str(tmp_path / "o"),
-            "--merge", "--skip", "resident", "--k", "2", "1"]
+            "--merge", "--skip", "resident", "--k", "2", "1", "--overlap-ab"]
     monkeypatch.setattr(sys, "argv", argv)
     bc.main()  # phase 1: the GGUF alone
     assert ran == [("llama", 2), ("llama", 1)]
     (d / "m.gguf").unlink()
     shutil.copytree(out, d / "m")
     bc.main()  # phase 2: the pack alone, merged
-    assert ran[2:] == [("flashmoe", 2), ("flashmoe", 1)]
+    assert ran[2:] == [("flashmoe", 2, None), ("flashmoe", 2, "1"), ("flashmoe", 1, None), ("flashmoe", 1, "1")]
     res = json.loads((tmp_path / "o" / "bench_cuda.json").read_text())
     assert [ph["engines"] for ph in res["phases"]] == [["llama.cpp"], ["flashmoe"]]
     assert set(res["floors"]) == {"flashmoe", "llama.cpp"} and not res["gguf_bytes_estimated"]
     table = (tmp_path / "o" / "bench_cuda.md").read_text()
     assert table.count("| streaming | flashmoe |") == 2 and table.count("| streaming | llama.cpp |") == 2
+    assert table.count("| streaming, no overlap | flashmoe |") == 2 and "overlap buys 1.00x decode" in table
     assert "llama.cpp: " in table and "flashmoe: " in table  # each phase's disk speed
 
 

@@ -51,14 +51,15 @@ def host_record(c: GpuExpertCache, key) -> torch.Tensor:
     return w.gate.weight.untyped_storage()  # the store buffer behind the decoded views
 
 
-@pytest.mark.parametrize("policy", ["lru", "lfu"])
-@pytest.mark.parametrize("exclusive", [True, False])
-def test_tiers_follow_the_simulator(packed4, policy, exclusive):
+@pytest.mark.parametrize("policy,exclusive,serial", [("lru", True, False), ("lru", False, False), ("lfu", True, False),
+                                                     ("lfu", False, False), ("lfu", True, True), ("lru", False, True)])
+def test_tiers_follow_the_simulator(packed4, policy, exclusive, serial):
     """A random sequence of fetches and evictions: (i) exclusive: no expert in both tiers after any call;
-    (iii) every counter adds up and equals simulate_tiers on the same trace (both modes, both policies);
-    every VRAM slot and host record holds the bytes on disk."""
+    (iii) every counter adds up and equals simulate_tiers on the same trace (both modes, both policies, and
+    serial: every read of a batch done before its first copy); every VRAM slot and host record holds the
+    bytes on disk."""
     ix = load_index(packed4)
-    c = cache(ix, slots=5, host=6, policy=policy, exclusive=exclusive)
+    c = cache(ix, slots=5, host=6, policy=policy, exclusive=exclusive, serial=serial)
     t = trace(ix, 150, seed=1)
     for layer, experts in t:
         c.slots(layer, experts)
@@ -123,8 +124,8 @@ class FakeStream:
 
 
 @pytest.mark.skipif(CUDA, reason="the real streams run in the other tests on CUDA")
-@pytest.mark.parametrize("staging", [1, 3])
-def test_stream_path_bookkeeping(packed4, monkeypatch, staging):
+@pytest.mark.parametrize("staging,serial", [(1, False), (3, False), (3, True)])
+def test_stream_path_bookkeeping(packed4, monkeypatch, staging, serial):
     """The CUDA code path (staging ring shared by copies in and out, records moving down through pinned
     buffers, per-slot waits) with stand-in streams and events on CPU: a staging buffer reused before its
     record reached the host tier would hand over the wrong bytes and fail the check on the way down; the
@@ -135,7 +136,7 @@ def test_stream_path_bookkeeping(packed4, monkeypatch, staging):
     monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: FakeStream())
     ix = load_index(packed4)
-    c = cache(ix, slots=5, host=6, policy="lru", exclusive=True, staging=staging)
+    c = cache(ix, slots=5, host=6, policy="lru", exclusive=True, staging=staging, serial=serial)
     c.side, c.down = FakeStream(), FakeStream()
     t = trace(ix, 120, seed=2) + [(layer, list(range(5))) for layer in (0, 1, 2)]  # 5 victims in one batch
     for layer, experts in t:

@@ -251,6 +251,11 @@ def simulate_tiers(policy: str, trace: list[list], n_slots: int, host_slots: int
     return n
 
 
+def serial_default() -> bool:
+    """FLASHMOE_CUDA_SERIAL=1: no overlap inside a batch (the A/B of what overlap buys, for benchmarks)."""
+    return os.environ.get("FLASHMOE_CUDA_SERIAL", "0") == "1"
+
+
 def exclusive_default() -> bool:
     """The tiers' mode when GpuExpertCache is not told: exclusive unless FLASHMOE_CUDA_EXCLUSIVE=0."""
     return os.environ.get("FLASHMOE_CUDA_EXCLUSIVE", "1") != "0"
@@ -292,6 +297,7 @@ class GpuExpertCache:
         staging: int = 16,
         host_budget: int | str = "auto",
         exclusive: bool | None = None,
+        serial: bool | None = None,
     ):
         from .runtime import parse_size
 
@@ -304,6 +310,9 @@ class GpuExpertCache:
         self.host_budget = host_budget if host_budget == "auto" else parse_size(host_budget)
         self.policy = POLICIES[policy]()
         self.exclusive = exclusive_default() if exclusive is None else bool(exclusive)
+        # serial: a batch's reads all complete before its first copy, and its copies before anything else
+        # (the A/B of what overlapping reads with copies and kernels buys; FLASHMOE_CUDA_SERIAL=1)
+        self.serial = serial_default() if serial is None else bool(serial)
         # the host tier and the SSD: checks files, reads (O_DIRECT with io="direct"), verifies, caches
         self.host = ExpertStore(index, 0, io=io, threads=threads, verify_reads=verify_reads, device="cpu")
         self.host_note = ""
@@ -466,6 +475,8 @@ class GpuExpertCache:
                 self.down.wait_stream(self.side)
             # copies in start after every kernel already queued (it may read an evicted slot)
             self.side.wait_stream(torch.cuda.current_stream(self.device))
+            if self.serial:  # no kernel runs beside this batch's reads and copies
+                torch.cuda.current_stream(self.device).synchronize()
         slots, victims = {}, {}  # victims: slot -> the key evicted from it
         for e in experts:
             slots[e], old = self._take_slot(batch)
@@ -474,10 +485,15 @@ class GpuExpertCache:
         if not (self.exclusive and self.host.cache_bytes >= self.host.read_bytes):
             victims = {}  # inclusive, or no host tier: evicted records are dropped
         done = []
-        records = self.host.stream(layer, experts, keep=not self.exclusive)  # raises FormatError naming the record
+        # raises FormatError naming the record
+        records = self.host.stream(layer, experts, keep=not self.exclusive, hold=self.serial)
         try:
             first = next(records)  # the host tier's lookups are done (exclusive: hits taken) and reads started
-            for e, w in itertools.chain([first], records):
+            if self.serial:  # every read done first; the generator stays open, so held buffers stay valid
+                rest = [next(records) for _ in range(len(experts) - 1)]
+            else:
+                rest = records
+            for e, w in itertools.chain([first], rest):
                 s = slots[e]
                 old = victims.pop(s, None)
                 self._copy(_record(w, self.record_bytes), s, after=None if old is None else self._demote(old, s))
@@ -497,6 +513,8 @@ class GpuExpertCache:
             self.policy.touch((layer, e))
         if self.side is not None:
             torch.cuda.current_stream(self.device).wait_stream(self.side)
+            if self.serial:
+                self.side.synchronize()
         self.tier.fetch_seconds += time.perf_counter() - t0
 
     def _stage(self) -> int:
