@@ -12,7 +12,8 @@
 #   2. bench_cuda.py streaming, llama.cpp on the GGUF; the GGUF deleted, the pack of the same weights
 #      written; bench_cuda.py --merge streaming, flashmoe-pack: one format at a time, since both formats of
 #      12 layers (47 + 56 GB) do not fit the 64 GB disk together;
-#   3. both formats of RES_LAYERS layers, bench_cuda.py fully resident (both engines, profile of a step);
+#   3. fully resident (both engines, profile of a step): both formats of RES_LAYERS layers of 397B geometry,
+#      then of Qwen3.5-35B-A3B geometry (40 layers, K=8);
 #   4. on 2 layers: flashmoe-pack streaming with and without overlap (FLASHMOE_CUDA_SERIAL=1), and the naive
 #      baseline, transformers + accelerate offload, on the same 2 layers.
 # Results: $D/results/{stream,resident}/bench_cuda.{json,md,log} and gpu_check.json, copied to $OUT.
@@ -43,8 +44,8 @@ device_env() {
 step() { echo "[$(date +%T)] $*" | tee -a "$D/results/pipeline.log"; }
 
 collect() {
-    for f in "$D"/results/pipeline.log "$D"/results/gpu_check.json "$D"/results/{stream,resident}/bench_cuda.{json,md} \
-        "$D"/results/two/bench_cuda.json "$D"/results/transformers/transformers.json; do
+    for f in "$D"/results/pipeline.log "$D"/results/gpu_check.json "$D"/results/{stream,resident}/bench_cuda.json \
+        "$D"/results/{q35,two}/bench_cuda.json "$D"/results/transformers/transformers.json; do
         [ -e "$f" ] && cp "$f" "$OUT/$(basename "$(dirname "$f")")_$(basename "$f")"
     done
     cat "$D/results/pipeline.log" 2>/dev/null
@@ -86,10 +87,17 @@ pipeline() {
     python3 scripts/bench_cuda.py "$R" "$R.gguf" --llama-bench "$LB" --out "$D/results/resident" --skip stream \
         >"$D/results/resident.log" 2>&1
     step "resident rc $?"
+    rm -rf "$R" "$R.gguf"
+    local Q=$D/q35
+    nice -n 5 python3 scripts/make_synthetic.py "$Q" --geometry qwen35-35b --gguf "$Q.gguf" --jobs 8 >"$D/results/gen35.log" 2>&1
+    step "35B pair written: rc $?"
+    python3 scripts/bench_cuda.py "$Q" "$Q.gguf" --llama-bench "$LB" --out "$D/results/q35" --skip stream --k 8 \
+        >"$D/results/q35.log" 2>&1
+    step "35B resident rc $?"
+    rm -rf "$Q" "$Q.gguf"
     # the naive baseline last (it may not finish inside the session's device time): transformers +
     # accelerate offload on 2 layers (bf16 experts are 3.2x the 4-bit bytes: 2 layers = 30 GB), beside
     # flashmoe-pack streaming the same 2 layers under the same host limit (24 GB x 2-layer GGUF / 54.9 GB)
-    rm -rf "$R" "$R.gguf"
     local T=$D/m2
     nice -n 5 python3 scripts/make_synthetic.py "$T" --layers 2 --jobs 2 >"$D/results/gen3.log" 2>&1
     python3 scripts/bench_cuda.py "$T" "$T.gguf" --out "$D/results/two" --skip resident --gpu-layers 1 --overlap-ab \
