@@ -535,7 +535,7 @@ def floors(args, geo: dict, gpu_layers: int, host_bytes: float, h2d: float, disk
             pcie_b = k * L * size * (1 - f_v) if name == "flashmoe" else 0.0  # llama.cpp computes CPU experts on CPU
             t = max(disk_b / (disk * 1e9), pcie_b / (h2d * 1e9))
             row[k] = {"disk_bytes": disk_b, "pcie_bytes": pcie_b, "tok_s": 1 / t if t else float("inf"), "f": f,
-                      "disk_GB_s": disk}
+                      "disk_GB_s": disk, "host_bytes": host_bytes}
         out[name] = row
     return out
 

@@ -55,7 +55,7 @@ collect() {
 pipeline() {
     device_env
     step "start: $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader), $(nproc) cores, $(df -h "$D" | tail -1)"
-    rm -rf /tmp/ll && mkdir -p /tmp/ll
+    rm -rf /tmp/ll /tmp/gen1.done && mkdir -p /tmp/ll
     local REPO=$PWD
     (cd /tmp/ll && tar xJf "$REPO/.llama/llama-src.tar.xz" && cd llama.cpp &&
         cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
