@@ -97,6 +97,46 @@ def test_delta_step_equals_the_recurrent_rule(dtype, hk, hv, dk, dv):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hk,hv,dk,dv", [(2, 6, 16, 24), (1, 3, 32, 40)])
+def test_delta_step_with_gates_equals_delta_gates_then_the_rule(dtype, hk, hv, dk, dv):
+    """The gates computed in the kernel (softplus over its whole range: below the log1p series' switch,
+    around it, past torch's threshold of 20) give delta_gates' decay and beta."""
+    g = gen(8)
+    q, k = rand(1, hk, dk, g=g, dtype=dtype), rand(1, hk, dk, g=g, dtype=dtype)
+    v = rand(1, hv, dv, g=g, dtype=dtype)
+    a = torch.tensor([-30.0, -7.2, 0.3, 6.9, 21.5, -0.1][:hv]).reshape(1, hv).to(dtype).to(DEV)
+    b = rand(1, hv, g=g, dtype=dtype, scale=3.0)
+    a_log = rand(hv, g=g, scale=0.5)  # float32, as the model keeps A_log
+    dt_bias = rand(hv, g=g, dtype=dtype)
+    state = rand(hv, dk, dv, g=g)
+    decay, beta = layers.delta_gates(a, b, a_log, dt_bias)
+    want_out, want_state = layers.gated_delta_rule(q, k, v, decay, beta, state.clone())
+    got = tl.delta_step(q, k, v, None, None, state, gates=(a, b, a_log, dt_bias))
+    close(got, want_out, dtype)  # bf16: beta is rounded to b's dtype, which the interpreter truncates
+    close(state, want_state, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("t,e,k", [(1, 512, 10), (3, 37, 1), (2, 129, 8), (1, 16, 16)])
+def test_route_equals_softmax_topk(dtype, t, e, k):
+    """Same experts in the same order (largest first) and the same renormalized weights; k == E too.
+    bf16 logits tie (8 bits of mantissa) and the two break ties differently: there the logits of the
+    chosen experts must be the same values, in the same order."""
+    logits = rand(t, e, g=gen(9), dtype=dtype, scale=2.0)
+    want_ids, want_w = layers.route(logits.cpu(), k)  # the torch path
+    ids, w = tl.route(logits, k)
+    ids = ids.cpu()
+    assert ids.dtype == torch.int64 and w.dtype == dtype
+    assert all(len(set(r.tolist())) == k for r in ids)
+    if dtype == torch.float32:
+        assert torch.equal(ids, want_ids)
+    else:
+        assert torch.equal(logits.cpu().gather(1, ids), logits.cpu().gather(1, want_ids))
+    close(w, want_w, dtype)
+    torch.testing.assert_close(w.float().sum(-1).cpu(), torch.ones(t), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("wdtype", DTYPES)
 def test_gated_rms_norm(dtype, wdtype):
     g = gen(4)

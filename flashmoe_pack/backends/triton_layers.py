@@ -6,9 +6,11 @@ fuse the largest groups (models/layers.py calls them on CUDA tensors, the torch 
 
   rms_norm        (residual add +) RMSNorm with Qwen's (1 + w) scale: ~10 ops -> 1
   conv_silu_step  the depthwise causal conv of one token + SiLU, conv state shifted in place: ~8 -> 1
-  delta_step      Gated DeltaNet's recurrent step for one token: L2-normalized q/k (repeated over
-                  the value heads), decay, delta-rule update of the fp32 state in place, output: ~35 -> 1
+  delta_step      Gated DeltaNet's recurrent step for one token: the gates from a, b (softplus, decay,
+                  sigmoid), L2-normalized q/k (repeated over the value heads), decay, delta-rule
+                  update of the fp32 state in place, output: ~45 -> 1
   gated_rms_norm  RMSNorm(core) * w * silu(z): ~12 -> 1
+  route           the router's softmax, top-K and renormalization: ~6 -> 1
 
 Each computes what the torch code computes, in the same precision: fp32 arithmetic with the
 roundings to the activation dtype where torch rounds (tests/test_triton_layers.py checks them
@@ -27,7 +29,8 @@ try:
 except ImportError:
     HAVE_TRITON = False
 
-MAX_ROW = 16384  # rms_norm rows up to this many values (one block per row)
+MAX_ROW = 16384  # rms_norm rows (and router logits) up to this many values (one block per row)
+MAX_K = 32  # route: experts per token
 
 if HAVE_TRITON:
 
@@ -72,8 +75,8 @@ if HAVE_TRITON:
         tl.store(s_ptr + ch2 * (WID - 1) + j2, nxt, mask=m2 & (j2 < WID - 1))
 
     @triton.jit
-    def _delta_step(q_ptr, k_ptr, v_ptr, g_ptr, b_ptr, s_ptr, o_ptr, ratio, dv, scale,
-                    DK: tl.constexpr, BV: tl.constexpr):
+    def _delta_step(q_ptr, k_ptr, v_ptr, g_ptr, b_ptr, alog_ptr, dtb_ptr, s_ptr, o_ptr, ratio, dv, scale,
+                    DK: tl.constexpr, BV: tl.constexpr, GATES: tl.constexpr):
         h = tl.program_id(0)
         cols = tl.program_id(1) * BV + tl.arange(0, BV)
         cm = cols < dv
@@ -83,15 +86,24 @@ if HAVE_TRITON:
         k = tl.load(k_ptr + kh * DK + d).to(tl.float32)
         q = q / tl.sqrt(tl.sum(q * q, axis=0) + 1e-6) * scale
         k = k / tl.sqrt(tl.sum(k * k, axis=0) + 1e-6)
-        decay = tl.exp(tl.load(g_ptr + h).to(tl.float32))
-        beta = tl.load(b_ptr + h).to(tl.float32)
+        if GATES:  # g_ptr, b_ptr hold the projections a, b: delta_gates' arithmetic, in fp32
+            x = tl.load(g_ptr + h).to(tl.float32) + tl.load(dtb_ptr + h).to(tl.float32)
+            e = tl.exp(tl.minimum(x, 20.0))
+            # softplus: x above torch's threshold 20; log1p(e) by its series where 1 + e would lose e's digits
+            sp = tl.where(x > 20.0, x, tl.where(e < 1e-3, e * (1.0 - e * (0.5 - e / 3.0)), tl.log(1.0 + e)))
+            decay = tl.exp(-tl.exp(tl.load(alog_ptr + h).to(tl.float32)) * sp)
+            bl = tl.load(b_ptr + h)
+            beta = (1.0 / (1.0 + tl.exp(-bl.to(tl.float32)))).to(bl.dtype).to(tl.float32)  # sigmoid in b's dtype
+        else:
+            decay = tl.exp(tl.load(g_ptr + h).to(tl.float32))
+            beta = tl.load(b_ptr + h).to(tl.float32)
         v = tl.load(v_ptr + h * dv + cols, mask=cm, other=0.0).to(tl.float32)
-        sp = s_ptr + h * DK * dv + d[:, None] * dv + cols[None, :]
+        sp_ = s_ptr + h * DK * dv + d[:, None] * dv + cols[None, :]
         m2 = cm[None, :] & (d[:, None] < DK)
-        s = tl.load(sp, mask=m2, other=0.0) * decay  # [DK, BV] fp32
+        s = tl.load(sp_, mask=m2, other=0.0) * decay  # [DK, BV] fp32
         delta = (v - tl.sum(k[:, None] * s, axis=0)) * beta
         s = s + k[:, None] * delta[None, :]
-        tl.store(sp, s, mask=m2)
+        tl.store(sp_, s, mask=m2)
         tl.store(o_ptr + h * dv + cols, tl.sum(q[:, None] * s, axis=0), mask=cm)
 
     @triton.jit
@@ -108,6 +120,28 @@ if HAVE_TRITON:
             wn = wn.to(dt)
         z = tl.load(z_ptr + row * n + cols, mask=m, other=0.0).to(tl.float32)
         tl.store(y_ptr + row * n + cols, (wn.to(tl.float32) * (z / (1.0 + tl.exp(-z)))).to(dt), mask=m)
+
+
+    @triton.jit
+    def _route(x_ptr, ids_ptr, w_ptr, n, K: tl.constexpr, KP: tl.constexpr, BE: tl.constexpr):
+        t = tl.program_id(0)
+        cols = tl.arange(0, BE)
+        m = cols < n
+        x = tl.load(x_ptr + t * n + cols, mask=m, other=float("-inf")).to(tl.float32)
+        e = tl.where(m, tl.exp(x - tl.max(x, axis=0)), 0.0)
+        p = e / tl.sum(e, axis=0)  # softmax in fp32
+        kk = tl.arange(0, KP)
+        top_p = tl.zeros([KP], dtype=tl.float32)
+        top_i = tl.zeros([KP], dtype=tl.int32)
+        cur = tl.where(m, p, -1.0)
+        for j in tl.static_range(K):  # the K largest, largest first
+            i = tl.argmax(cur, axis=0)
+            top_p = tl.where(kk == j, tl.max(cur, axis=0), top_p)
+            top_i = tl.where(kk == j, i, top_i)
+            cur = tl.where(cols == i, -1.0, cur)
+        km = kk < K
+        tl.store(ids_ptr + t * K + kk, top_i.to(tl.int64), mask=km)
+        tl.store(w_ptr + t * K + kk, (top_p / tl.sum(top_p, axis=0)).to(w_ptr.dtype.element_ty), mask=km)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
@@ -145,20 +179,27 @@ def conv_silu_step(x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor) -
     return out
 
 
-def delta_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
-               state: torch.Tensor) -> torch.Tensor:
+def delta_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None, beta: torch.Tensor | None,
+               state: torch.Tensor, gates: tuple | None = None) -> torch.Tensor:
     """One token of gated_delta_rule: q, k [1, Hk, Dk], v [1, Hv, Dv], g, beta [1, Hv]; state fp32
-    [Hv, Dk, Dv] updated in place. Returns out fp32 [1, Hv, Dv]."""
+    [Hv, Dk, Dv] updated in place. Returns out fp32 [1, Hv, Dv]. gates=(a, b, A_log, dt_bias) instead
+    of g and beta: the gates are computed in the same launch (layers.delta_gates' arithmetic)."""
     _, hk, dk = q.shape
     hv, dv = v.shape[1], v.shape[2]
     for t in (q, k, v):
         assert t.shape[0] == 1 and t.stride(-1) == 1 and t.stride(-2) == t.shape[-1], "delta_step: dense heads"
     assert state.dtype == torch.float32 and state.is_contiguous() and state.shape == (hv, dk, dv)
     assert dk == triton.next_power_of_2(dk) and hv % hk == 0
+    if gates is not None:
+        a, b, a_log, dt_bias = (t.contiguous() for t in gates)
+        assert a.numel() == b.numel() == a_log.numel() == dt_bias.numel() == hv
+        args = (a, b, a_log, dt_bias)
+    else:
+        args = (g.contiguous(), beta.contiguous(), state, state)  # the last two unused
     out = torch.empty(1, hv, dv, dtype=torch.float32, device=v.device)
     bv = min(32, triton.next_power_of_2(dv))
-    _delta_step[(hv, triton.cdiv(dv, bv))](q, k, v, g.contiguous(), beta.contiguous(), state, out, hv // hk, dv,
-                                           dk**-0.5, DK=dk, BV=bv, num_warps=4)
+    _delta_step[(hv, triton.cdiv(dv, bv))](q, k, v, *args, state, out, hv // hk, dv, dk**-0.5, DK=dk, BV=bv,
+                                           GATES=gates is not None, num_warps=4)
     return out
 
 
@@ -174,3 +215,15 @@ def gated_rms_norm(core: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, ep
     _gated_rms_norm[(core.numel() // n,)](core, z, weight, y, n, eps, ROUND=rnd, BLOCK=block,
                                           num_warps=1 if block <= 512 else 4)
     return y
+
+
+def route(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """qwen3_5_moe.route: router logits [T, E] -> (expert ids int64 [T, K], largest first; weights [T, K]
+    summing to 1 in the logits' dtype), softmax and renormalization in fp32."""
+    t, n = logits.shape
+    assert logits.is_contiguous() and 1 <= k <= min(n, MAX_K) and n <= MAX_ROW
+    ids = torch.empty(t, k, dtype=torch.int64, device=logits.device)
+    w = torch.empty(t, k, dtype=logits.dtype, device=logits.device)
+    block = triton.next_power_of_2(n)
+    _route[(t,)](logits, ids, w, n, K=k, KP=triton.next_power_of_2(k), BE=block, num_warps=4 if block >= 1024 else 1)
+    return ids, w

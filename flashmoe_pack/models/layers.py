@@ -276,6 +276,39 @@ def gated_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, s
     return out.transpose(0, 1), state
 
 
+# ---------------------------------------------------------------------------------------- routing
+
+
+def route(router_logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Softmax top-K routing: logits [T, E] -> (expert ids [T, K], largest first, weights [T, K] summing
+    to 1, in the logits' dtype). On CUDA one launch (backends/triton_layers.route)."""
+    fused = _fused(router_logits)
+    if fused is not None and k <= fused.MAX_K and router_logits.shape[-1] <= fused.MAX_ROW:
+        return fused.route(router_logits.contiguous(), k)
+    probs = torch.softmax(router_logits.float(), dim=-1)
+    top_p, top_ids = probs.topk(k, dim=-1)
+    return top_ids, (top_p / top_p.sum(-1, keepdim=True)).to(router_logits.dtype)
+
+
+# ------------------------------------------------------------------- gated delta rule: gates and step
+
+
+def delta_gates(a: Tensor, b: Tensor, a_log: Tensor, dt_bias: Tensor) -> tuple[Tensor, Tensor]:
+    """Gated DeltaNet's per-head gates from a, b [T, hv]: (log decay g <= 0 in fp32, because
+    exp(A_log) can overflow half precision; write strength beta = sigmoid(b))."""
+    return -a_log.float().exp() * F.softplus(a.float() + dt_bias), torch.sigmoid(b)
+
+
+def gated_delta_step_(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, a_log: Tensor, dt_bias: Tensor,
+                      state: Tensor) -> Tensor:
+    """delta_gates, then gated_delta_rule_ (state updated in place); on CUDA, one token is one launch."""
+    fused = _fused(v)
+    if fused is not None and q.shape[0] == 1 and q.shape[-1] == 1 << (q.shape[-1] - 1).bit_length():
+        return fused.delta_step(q, k, v, None, None, state, gates=(a, b, a_log, dt_bias))
+    g, beta = delta_gates(a, b, a_log, dt_bias)
+    return gated_delta_rule_(q, k, v, g, beta, state)
+
+
 def gated_delta_rule_(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, state: Tensor) -> Tensor:
     """gated_delta_rule with `state` updated in place; returns out fp32 [T, Hv, Dv]."""
     fused = _fused(v)

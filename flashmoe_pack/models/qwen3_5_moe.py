@@ -15,7 +15,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from flashmoe_pack.models import register
@@ -27,12 +26,13 @@ from flashmoe_pack.models.layers import (
     conv_silu_,
     decode_attention,
     embedding,
-    gated_delta_rule_,
+    gated_delta_step_,
     gated_rms_norm,
     linear,
     rms_norm,
     rope_cos_sin,
     rope_inv_freq,
+    route,
     swiglu,
 )
 from flashmoe_pack.quant import QTensor
@@ -177,20 +177,6 @@ class Qwen35MoeState:
         return out + list(self.conv.values()) + list(self.recurrent.values())
 
 
-def route(router_logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Softmax top-K routing: logits [T, E] -> (expert ids [T, K], weights [T, K] summing to 1, in
-    the logits' dtype)."""
-    probs = torch.softmax(router_logits.float(), dim=-1)
-    top_p, top_ids = probs.topk(k, dim=-1)
-    return top_ids, (top_p / top_p.sum(-1, keepdim=True)).to(router_logits.dtype)
-
-
-def delta_gates(a: Tensor, b: Tensor, a_log: Tensor, dt_bias: Tensor) -> tuple[Tensor, Tensor]:
-    """Gated DeltaNet's per-head gates from a, b [T, hv]: (log decay g <= 0 in fp32, because
-    exp(A_log) can overflow half precision; write strength beta = sigmoid(b))."""
-    return -a_log.float().exp() * F.softplus(a.float() + dt_bias), torch.sigmoid(b)
-
-
 def add_moe(x: Tensor, routed: Tensor, shared: Tensor, shared_gate: Tensor) -> Tensor:
     """x + routed experts + the shared expert scaled by sigmoid(its gate logit [T, 1])."""
     return x + (routed + torch.sigmoid(shared_gate) * shared)
@@ -325,10 +311,8 @@ class Qwen35MoeModel:
         a = linear(x, w["linear_attn.in_proj_a.weight"])  # [T, hv]
         qkv = conv_silu_(qkv, w["linear_attn.conv1d.weight"].squeeze(1), state.conv[i])
         q, k, v = qkv.split([hk * dk, hk * dk, hv * dv], dim=-1)
-        g, beta = delta_gates(a, b, w["linear_attn.A_log"], w["linear_attn.dt_bias"])
-        core = gated_delta_rule_(
-            q.view(t, hk, dk), k.view(t, hk, dk), v.view(t, hv, dv), g, beta, state.recurrent[i]
-        )  # [T, hv, dv] fp32
+        core = gated_delta_step_(q.view(t, hk, dk), k.view(t, hk, dk), v.view(t, hv, dv), a, b,
+                                 w["linear_attn.A_log"], w["linear_attn.dt_bias"], state.recurrent[i])  # fp32
         core = gated_rms_norm(core.to(x.dtype), z, w["linear_attn.norm.weight"], c.rms_norm_eps)
         return linear(core.reshape(t, hv * dv), w["linear_attn.out_proj.weight"])  # [T, H]
 
