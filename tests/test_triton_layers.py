@@ -136,6 +136,22 @@ def test_route_equals_softmax_topk(dtype, t, e, k):
     torch.testing.assert_close(w.float().sum(-1).cpu(), torch.ones(t), rtol=1e-2, atol=1e-2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("t,n", [(1, 4096), (3, 1000), (2, 1025)])
+def test_add_moe_and_silu_mul(dtype, t, n):
+    """The roundings where torch rounds: float16 (which the interpreter rounds to nearest, as the GPU
+    does) within one unit in the last place; bfloat16 (truncated in the interpreter) within a few."""
+    g = gen(10)
+    x, routed, shared = (rand(t, n, g=g, dtype=dtype) for _ in range(3))
+    gate = rand(t, 1, g=g, dtype=dtype, scale=3.0)
+    a, b = rand(t, n, g=g, dtype=dtype, scale=4.0), rand(t, n, g=g, dtype=dtype)
+    tol = {torch.float32: (1e-5, 1e-5), torch.float16: (1e-3, 4e-3), torch.bfloat16: (3e-2, 1e-1)}[dtype]
+    for got, want in ((tl.add_moe(x, routed, shared, gate), x + (routed + torch.sigmoid(gate) * shared)),
+                      (tl.silu_mul(a, b), torch.nn.functional.silu(a) * b)):
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.float(), want.float(), rtol=tol[0], atol=tol[1])
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("wdtype", DTYPES)
 def test_gated_rms_norm(dtype, wdtype):

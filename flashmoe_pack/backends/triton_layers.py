@@ -11,6 +11,7 @@ fuse the largest groups (models/layers.py calls them on CUDA tensors, the torch 
                   update of the fp32 state in place, output: ~45 -> 1
   gated_rms_norm  RMSNorm(core) * w * silu(z): ~12 -> 1
   route           the router's softmax, top-K and renormalization: ~6 -> 1
+  add_moe         x + routed + sigmoid(gate) * shared: 4 -> 1;  silu_mul  silu(g) * u: 2 -> 1
 
 Each computes what the torch code computes, in the same precision: fp32 arithmetic with the
 roundings to the activation dtype where torch rounds (tests/test_triton_layers.py checks them
@@ -144,6 +145,32 @@ if HAVE_TRITON:
         tl.store(w_ptr + t * K + kk, (top_p / tl.sum(top_p, axis=0)).to(w_ptr.dtype.element_ty), mask=km)
 
 
+    @triton.jit
+    def _add_moe(x_ptr, r_ptr, s_ptr, g_ptr, y_ptr, n, BLOCK: tl.constexpr):
+        """y = x + (routed + sigmoid(gate) * shared), each op rounded to the dtype as torch does."""
+        row = tl.program_id(0)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        m = cols < n
+        dt = y_ptr.dtype.element_ty
+        gl = tl.load(g_ptr + row)
+        sg = (1.0 / (1.0 + tl.exp(-gl.to(tl.float32)))).to(dt).to(tl.float32)
+        sh = tl.load(s_ptr + row * n + cols, mask=m, other=0.0).to(tl.float32)
+        ro = tl.load(r_ptr + row * n + cols, mask=m, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + row * n + cols, mask=m, other=0.0).to(tl.float32)
+        moe = (ro + (sg * sh).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+        tl.store(y_ptr + row * n + cols, (x + moe).to(dt), mask=m)
+
+    @triton.jit
+    def _silu_mul(g_ptr, u_ptr, y_ptr, n, BLOCK: tl.constexpr):
+        """silu(g) * u, silu rounded to the dtype first as torch does."""
+        cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        m = cols < n
+        dt = y_ptr.dtype.element_ty
+        g = tl.load(g_ptr + cols, mask=m, other=0.0).to(tl.float32)
+        u = tl.load(u_ptr + cols, mask=m, other=0.0).to(tl.float32)
+        tl.store(y_ptr + cols, ((g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32) * u).to(dt), mask=m)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
     """rms_norm(x) (models/layers.py), or with `residual`: (x + residual, rms_norm(x + residual)).
     x: [..., n] with unit stride in n, at most 3 dims (q/k heads are strided views); residual
@@ -227,3 +254,22 @@ def route(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     block = triton.next_power_of_2(n)
     _route[(t,)](logits, ids, w, n, K=k, KP=triton.next_power_of_2(k), BE=block, num_warps=4 if block >= 1024 else 1)
     return ids, w
+
+
+def add_moe(x: torch.Tensor, routed: torch.Tensor, shared: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """qwen3_5_moe.add_moe for x, routed, shared [T, H] (one dtype, contiguous) and gate logits [T, 1]."""
+    t, n = x.shape
+    assert routed.shape == shared.shape == x.shape and gate.numel() == t
+    assert routed.dtype == shared.dtype == x.dtype == gate.dtype
+    assert x.is_contiguous() and routed.is_contiguous() and shared.is_contiguous()
+    y = torch.empty_like(x)
+    _add_moe[(t, triton.cdiv(n, 1024))](x, routed, shared, gate.contiguous(), y, n, BLOCK=1024, num_warps=4)
+    return y
+
+
+def silu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """F.silu(g) * u for g, u of one shape and dtype, contiguous."""
+    assert g.shape == u.shape and g.dtype == u.dtype and g.is_contiguous() and u.is_contiguous()
+    y = torch.empty_like(g)
+    _silu_mul[(triton.cdiv(g.numel(), 1024),)](g, u, y, g.numel(), BLOCK=1024, num_warps=4)
+    return y

@@ -279,6 +279,15 @@ def gated_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, s
 # ---------------------------------------------------------------------------------------- routing
 
 
+def add_moe(x: Tensor, routed: Tensor, shared: Tensor, shared_gate: Tensor) -> Tensor:
+    """x + routed experts + the shared expert scaled by sigmoid(its gate logit [T, 1]); on CUDA one launch."""
+    fused = _fused(x)
+    if (fused is not None and x.dim() == 2 and x.dtype == routed.dtype == shared.dtype == shared_gate.dtype
+            and x.is_contiguous() and routed.is_contiguous() and shared.is_contiguous()):
+        return fused.add_moe(x, routed, shared, shared_gate)
+    return x + (routed + torch.sigmoid(shared_gate) * shared)
+
+
 def route(router_logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """Softmax top-K routing: logits [T, E] -> (expert ids [T, K], largest first, weights [T, K] summing
     to 1, in the logits' dtype). On CUDA one launch (backends/triton_layers.route)."""
@@ -404,4 +413,6 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, pos: Tensor) -> Tensor:
 
 def swiglu(x: Tensor, gate: Tensor, up: Tensor, down: Tensor) -> Tensor:
     """down(silu(gate x) * up x): x [T, H], gate/up [I, H], down [H, I] -> [T, H] (float or QTensor weights)."""
-    return linear(F.silu(linear(x, gate)) * linear(x, up), down)
+    g, u = linear(x, gate), linear(x, up)
+    fused = _fused(g)
+    return linear(fused.silu_mul(g, u) if fused is not None and g.dtype == u.dtype else F.silu(g) * u, down)

@@ -20,6 +20,7 @@ from torch import Tensor
 from flashmoe_pack.models import register
 from flashmoe_pack.models.layers import (
     KVCache,
+    add_moe,
     add_rms_norm,
     apply_partial_rope,
     attention,
@@ -175,11 +176,6 @@ class Qwen35MoeState:
         """Every tensor a step reads and writes in place (what a captured step is bound to)."""
         out = [t for c in self.kv.values() for t in (c.k, c.v)]
         return out + list(self.conv.values()) + list(self.recurrent.values())
-
-
-def add_moe(x: Tensor, routed: Tensor, shared: Tensor, shared_gate: Tensor) -> Tensor:
-    """x + routed experts + the shared expert scaled by sigmoid(its gate logit [T, 1])."""
-    return x + (routed + torch.sigmoid(shared_gate) * shared)
 
 
 def _get(weights: Mapping[str, Tensor], name: str) -> Tensor:
