@@ -136,6 +136,34 @@ def test_static_decode_step_equals_eager_decode(pair, dtype):
         ours.forward(ids[:2], static, pos=torch.tensor([static.pos]))
 
 
+def test_fused_projections_equal_the_separate_ones(pair):
+    """fuse=True (what the runtime does on CUDA): the matrices that read one input are concatenated and
+    leave the caller's dict; prefill, decode and the static step give the separate products' logits."""
+    hf, plain = pair
+    w = dict(hf.state_dict())
+    cfg = Qwen35MoeConfig.from_dict(hf.config.to_dict())
+    experts = DenseExperts.from_hf(w, cfg.num_hidden_layers)
+    fused = Qwen35MoeModel(cfg, w, experts, fuse=True)
+    kinds = cfg.layer_types
+    lin, full = kinds.index("linear_attention"), kinds.index("full_attention")
+    assert "linear_attn.in_proj_qkvzba.weight" in fused.layers[lin]
+    assert "self_attn.qkv_proj.weight" in fused.layers[full]
+    for i in (lin, full):
+        assert {"mlp.shared_expert.gate_up_proj.weight", "mlp.gate_and_shared_gate.weight"} <= set(fused.layers[i])
+        assert "mlp.gate.weight" not in fused.layers[i] and f"model.layers.{i}.mlp.gate.weight" not in w
+    assert f"model.layers.{lin}.linear_attn.in_proj_z.weight" not in w
+    assert f"model.layers.{full}.self_attn.k_proj.weight" not in w
+    ids = torch.randint(0, 101, (40,), generator=torch.Generator().manual_seed(11))
+    a, b = plain.new_state(), fused.new_state()
+    assert relative_error(fused.forward(ids[:30], b), plain.forward(ids[:30], a)) < 1e-5
+    for t in range(30, 36):
+        assert relative_error(fused.forward(ids[t : t + 1], b), plain.forward(ids[t : t + 1], a)) < 1e-5
+    for kv in b.kv.values():
+        kv.reserve(b.pos + 1)
+    got = fused.forward(ids[36:37], b, pos=torch.tensor([b.pos]))
+    assert relative_error(got, plain.forward(ids[36:37], a)) < 1e-5
+
+
 def test_decode_attention_masks_the_tail_and_matches_sdpa():
     g = torch.Generator().manual_seed(4)
     hq, hkv, cap, d, pos = 6, 2, 37, 16, 20

@@ -171,17 +171,19 @@ def _torch_gated(x, gate, weight, eps):
 
 
 @pytest.mark.skipif(DEV == "cuda", reason="on the GPU the model uses the kernels already (gpu_check compares)")
-def test_model_decode_through_the_kernels_equals_torch(monkeypatch):
+@pytest.mark.parametrize("fuse", [False, True])
+def test_model_decode_through_the_kernels_equals_torch(monkeypatch, fuse):
     """The model's wiring: decode steps with every fused kernel (forced on for CPU tensors) give the
-    torch path's logits and states. fp32: the interpreter's bfloat16 truncation (above) compounds
-    over layers, and the kernels' bfloat16 roundings are checked one by one."""
+    torch path's logits and states, with separate or fused projections (their slices feed the kernels).
+    fp32: the interpreter's bfloat16 truncation (above) compounds over layers, and the kernels' bfloat16
+    roundings are checked one by one."""
     dtype = torch.float32
     from test_model_qwen3_5_moe import DenseExperts, Qwen35MoeConfig, Qwen35MoeModel, build_hf
 
     hf = build_hf()
     w = {k: v.to(dtype) for k, v in hf.state_dict().items()}
     cfg = Qwen35MoeConfig.from_dict(hf.config.to_dict())
-    m = Qwen35MoeModel(cfg, w, DenseExperts.from_hf(w, cfg.num_hidden_layers))
+    m = Qwen35MoeModel(cfg, dict(w), DenseExperts.from_hf(w, cfg.num_hidden_layers), fuse=fuse)
     ids = torch.randint(0, 101, (14,), generator=gen(5))
     plain, fused = m.new_state(), m.new_state()
     m.forward(ids[:12], plain)

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -101,7 +102,11 @@ class Model:
         weights = load_resident(index, self.device, dtype, verify=verify_reads, resident=resident)
         if isinstance(self.store, ExpertStore):  # an "auto" cache budget counts the weights as loaded
             self.store.set_resident_bytes(resident_nbytes(weights))
-        self.model = cls(self.config, weights, self.experts, dtype=dtype)
+        # CUDA: fused projections (one product instead of two to four; the parts leave `weights`);
+        # FLASHMOE_CUDA_FUSE=0 keeps them apart (A/B)
+        fuse = self.device.type == "cuda" and os.environ.get("FLASHMOE_CUDA_FUSE", "1") != "0"
+        self.model = cls(self.config, weights, self.experts, dtype=dtype, fuse=fuse)
+        del weights
         self.graphed = None  # CUDA: decode steps replayed from a graph once every expert is in VRAM
         if self.device.type == "cuda" and hasattr(self.model.new_state(), "advance"):
             from .cuda_graph import GraphedDecode

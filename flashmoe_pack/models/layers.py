@@ -413,6 +413,17 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, pos: Tensor) -> Tensor:
 
 def swiglu(x: Tensor, gate: Tensor, up: Tensor, down: Tensor) -> Tensor:
     """down(silu(gate x) * up x): x [T, H], gate/up [I, H], down [H, I] -> [T, H] (float or QTensor weights)."""
-    g, u = linear(x, gate), linear(x, up)
+    return _silu_down(linear(x, gate), linear(x, up), down)
+
+
+def swiglu_fused(x: Tensor, gate_up: Tensor, down: Tensor) -> Tensor:
+    """swiglu with gate and up concatenated by rows into one matrix gate_up [2I, H]."""
+    g, u = linear(x, gate_up).chunk(2, dim=-1)
+    return _silu_down(g, u, down)
+
+
+def _silu_down(g: Tensor, u: Tensor, down: Tensor) -> Tensor:
     fused = _fused(g)
-    return linear(fused.silu_mul(g, u) if fused is not None and g.dtype == u.dtype else F.silu(g) * u, down)
+    if fused is not None and g.dtype == u.dtype and g.is_contiguous() and u.is_contiguous():
+        return linear(fused.silu_mul(g, u), down)
+    return linear(F.silu(g) * u, down)

@@ -35,6 +35,7 @@ from flashmoe_pack.models.layers import (
     rope_inv_freq,
     route,
     swiglu,
+    swiglu_fused,
 )
 from flashmoe_pack.quant import QTensor
 
@@ -195,6 +196,30 @@ _LINEAR = ["in_proj_qkv", "in_proj_z", "in_proj_a", "in_proj_b", "out_proj", "co
 _LINEAR_PARAMS = ["A_log", "dt_bias"]
 _FULL = ["q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm"]
 _MLP = [f"shared_expert.{p}_proj" for p in ("gate", "up", "down")] + ["gate", "shared_expert_gate"]
+# fuse=True: matrices that read the same input, concatenated by rows into one product (name -> parts)
+_FUSE = {
+    "linear_attn.in_proj_qkvzba.weight": [f"linear_attn.in_proj_{p}.weight" for p in ("qkv", "z", "b", "a")],
+    "self_attn.qkv_proj.weight": [f"self_attn.{p}_proj.weight" for p in ("q", "k", "v")],
+    "mlp.shared_expert.gate_up_proj.weight": [f"mlp.shared_expert.{p}_proj.weight" for p in ("gate", "up")],
+    "mlp.gate_and_shared_gate.weight": ["mlp.gate.weight", "mlp.shared_expert_gate.weight"],
+}
+
+
+def _fuse_rows(w: dict[str, Tensor | QTensor], weights, prefix: str) -> None:
+    """Replace each _FUSE group whose parts are all in `w` as float matrices of one dtype (no bias) by
+    their concatenation; the parts leave `w` and, where it is a dict, `weights` (their memory can go)."""
+    for name, parts in _FUSE.items():
+        ts = [w.get(p) for p in parts]
+        if any(t is None or isinstance(t, QTensor) or t.dtype != ts[0].dtype for t in ts):
+            continue
+        if any(p.replace(".weight", ".bias") in w for p in parts):
+            continue
+        w[name] = torch.cat(ts)
+        w[name + ".split"] = [t.shape[0] for t in ts]
+        for p in parts:
+            del w[p]
+            if isinstance(weights, dict):
+                weights.pop(prefix + p, None)
 
 
 @register("qwen3_5_moe", "qwen3_5_moe_text")
@@ -203,12 +228,16 @@ class Qwen35MoeModel:
 
     Weight matrices are float tensors or QTensors (layers.linear runs either). Computes in `dtype`
     (default: the embedding's dtype, bf16 for a quantized embedding) on the embedding's device.
+    fuse=True concatenates the float matrices that read the same input (linear attention's four
+    input projections; q, k, v; the shared expert's gate and up; the router and the shared expert's
+    gate), one product instead of two to four, and takes the parts out of `weights` (the runtime does
+    this on CUDA, where a decode step's cost is mostly launches).
     """
 
     config_class = Qwen35MoeConfig
 
     def __init__(self, config: Qwen35MoeConfig, weights: Mapping[str, Tensor | QTensor], experts,
-                 dtype: torch.dtype | None = None):
+                 dtype: torch.dtype | None = None, fuse: bool = False):
         self.config, self.experts = config, experts
         c = config
         self.embed = _get(weights, "model.embed_tokens.weight")  # [V, H]
@@ -233,6 +262,8 @@ class Qwen35MoeModel:
                 if c.attention_bias:
                     names += [f"self_attn.{m}.bias" for m in ("q_proj", "k_proj", "v_proj", "o_proj")]
             self.layers.append({n: _get(weights, f"model.layers.{i}.{n}") for n in names})
+            if fuse:
+                _fuse_rows(self.layers[-1], weights, f"model.layers.{i}.")
         self.inv_freq = rope_inv_freq(c.rotary_dim, c.rope_theta).to(self.device)
 
     def new_state(self) -> Qwen35MoeState:
@@ -282,12 +313,24 @@ class Qwen35MoeModel:
             with section("other", i):
                 x, h = add_rms_norm(x, h, w["post_attention_layernorm.weight"], c.rms_norm_eps)  # [T, H] each
             with section("routing", i):
-                top_ids, top_p = route(linear(h, w["mlp.gate.weight"]), c.num_experts_per_tok)  # [T, K]
+                if "mlp.gate_and_shared_gate.weight" in w:
+                    logits, shared_gate = linear(h, w["mlp.gate_and_shared_gate.weight"]).split(
+                        w["mlp.gate_and_shared_gate.weight.split"], dim=-1)
+                else:
+                    logits, shared_gate = linear(h, w["mlp.gate.weight"]), None
+                top_ids, top_p = route(logits, c.num_experts_per_tok)  # [T, K]
             with section("experts", i):
                 routed = self.experts.forward(i, h, top_ids, top_p)  # [T, H]
             with section("other", i):
-                shared = swiglu(h, *(w[f"mlp.shared_expert.{p}_proj.weight"] for p in ("gate", "up", "down")))
-                x = add_moe(x, routed, shared, linear(h, w["mlp.shared_expert_gate.weight"]))
+                down = w["mlp.shared_expert.down_proj.weight"]
+                if "mlp.shared_expert.gate_up_proj.weight" in w:
+                    shared = swiglu_fused(h, w["mlp.shared_expert.gate_up_proj.weight"], down)
+                else:
+                    shared = swiglu(h, w["mlp.shared_expert.gate_proj.weight"], w["mlp.shared_expert.up_proj.weight"],
+                                    down)
+                if shared_gate is None:
+                    shared_gate = linear(h, w["mlp.shared_expert_gate.weight"])
+                x = add_moe(x, routed, shared, shared_gate)
         if pos is None:
             state.pos += ids.shape[0]
         with section("other", -1):
@@ -301,10 +344,16 @@ class Qwen35MoeModel:
         c, t = self.config, x.shape[0]
         hk, hv = c.linear_num_key_heads, c.linear_num_value_heads
         dk, dv = c.linear_key_head_dim, c.linear_value_head_dim
-        qkv = linear(x, w["linear_attn.in_proj_qkv.weight"])  # [T, 2*hk*dk + hv*dv]
-        z = linear(x, w["linear_attn.in_proj_z.weight"]).view(t, hv, dv)  # output gate
-        b = linear(x, w["linear_attn.in_proj_b.weight"])  # [T, hv]
-        a = linear(x, w["linear_attn.in_proj_a.weight"])  # [T, hv]
+        if "linear_attn.in_proj_qkvzba.weight" in w:
+            qkv, z, b, a = linear(x, w["linear_attn.in_proj_qkvzba.weight"]).split(
+                w["linear_attn.in_proj_qkvzba.weight.split"], dim=-1)
+            qkv = qkv.contiguous()  # [T, 2*hk*dk + hv*dv]; the others are read in place
+        else:
+            qkv = linear(x, w["linear_attn.in_proj_qkv.weight"])
+            z = linear(x, w["linear_attn.in_proj_z.weight"])  # output gate
+            b = linear(x, w["linear_attn.in_proj_b.weight"])  # [T, hv]
+            a = linear(x, w["linear_attn.in_proj_a.weight"])  # [T, hv]
+        z = z.reshape(t, hv, dv)
         qkv = conv_silu_(qkv, w["linear_attn.conv1d.weight"].squeeze(1), state.conv[i])
         q, k, v = qkv.split([hk * dk, hk * dk, hv * dv], dim=-1)
         core = gated_delta_step_(q.view(t, hk, dk), k.view(t, hk, dk), v.view(t, hv, dv), a, b,
@@ -321,11 +370,15 @@ class Qwen35MoeModel:
         def proj(name: str, inp: Tensor) -> Tensor:
             return linear(inp, w[f"self_attn.{name}.weight"], w.get(f"self_attn.{name}.bias"))
 
+        if "self_attn.qkv_proj.weight" in w:
+            qg, k, v = linear(x, w["self_attn.qkv_proj.weight"]).split(w["self_attn.qkv_proj.weight.split"], dim=-1)
+        else:
+            qg, k, v = proj("q_proj", x), proj("k_proj", x), proj("v_proj", x)
         # q_proj packs per head [query D | gate D]: [T, hq, D] each
-        q, gate = proj("q_proj", x).view(t, hq, 2 * d).chunk(2, dim=-1)
+        q, gate = qg.reshape(t, hq, 2 * d).chunk(2, dim=-1)
         q = rms_norm(q, w["self_attn.q_norm.weight"], c.rms_norm_eps)
-        k = rms_norm(proj("k_proj", x).view(t, hkv, d), w["self_attn.k_norm.weight"], c.rms_norm_eps)
-        v = proj("v_proj", x).view(t, hkv, d)
+        k = rms_norm(k.reshape(t, hkv, d), w["self_attn.k_norm.weight"], c.rms_norm_eps)
+        v = v.reshape(t, hkv, d)
         q, k = apply_partial_rope(q, cos, sin), apply_partial_rope(k, cos, sin)
         cache = state.kv[i]
         if pos is None:
