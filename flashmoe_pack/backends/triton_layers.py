@@ -122,7 +122,6 @@ if HAVE_TRITON:
         z = tl.load(z_ptr + row * n + cols, mask=m, other=0.0).to(tl.float32)
         tl.store(y_ptr + row * n + cols, (wn.to(tl.float32) * (z / (1.0 + tl.exp(-z)))).to(dt), mask=m)
 
-
     @triton.jit
     def _route(x_ptr, ids_ptr, w_ptr, n, K: tl.constexpr, KP: tl.constexpr, BE: tl.constexpr):
         t = tl.program_id(0)
@@ -143,7 +142,6 @@ if HAVE_TRITON:
         km = kk < K
         tl.store(ids_ptr + t * K + kk, top_i.to(tl.int64), mask=km)
         tl.store(w_ptr + t * K + kk, (top_p / tl.sum(top_p, axis=0)).to(w_ptr.dtype.element_ty), mask=km)
-
 
     @triton.jit
     def _add_moe(x_ptr, r_ptr, s_ptr, g_ptr, y_ptr, n, BLOCK: tl.constexpr):
@@ -245,7 +243,7 @@ def gated_rms_norm(core: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, ep
 
 
 def route(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """qwen3_5_moe.route: router logits [T, E] -> (expert ids int64 [T, K], largest first; weights [T, K]
+    """layers.route: router logits [T, E] -> (expert ids int64 [T, K], largest first; weights [T, K]
     summing to 1 in the logits' dtype), softmax and renormalization in fp32."""
     t, n = logits.shape
     assert logits.is_contiguous() and 1 <= k <= min(n, MAX_K) and n <= MAX_ROW
@@ -257,7 +255,7 @@ def route(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def add_moe(x: torch.Tensor, routed: torch.Tensor, shared: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-    """qwen3_5_moe.add_moe for x, routed, shared [T, H] (one dtype, contiguous) and gate logits [T, 1]."""
+    """layers.add_moe for x, routed, shared [T, H] (one dtype, contiguous) and gate logits [T, 1]."""
     t, n = x.shape
     assert routed.shape == shared.shape == x.shape and gate.numel() == t
     assert routed.dtype == shared.dtype == x.dtype == gate.dtype

@@ -276,7 +276,7 @@ def gated_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, s
     return out.transpose(0, 1), state
 
 
-# ---------------------------------------------------------------------------------------- routing
+# ------------------------------------------------------------------------ routing and the MoE sum
 
 
 def add_moe(x: Tensor, routed: Tensor, shared: Tensor, shared_gate: Tensor) -> Tensor:
