@@ -10,6 +10,7 @@ from transformers import Qwen3_5MoeForCausalLM, Qwen3_5MoeTextConfig  # noqa: E4
 
 from flashmoe_pack.models import get_model_class, layers  # noqa: E402
 from flashmoe_pack.models.qwen3_5_moe import DenseExperts, Qwen35MoeConfig, Qwen35MoeModel  # noqa: E402
+from flashmoe_pack.quant import QTensor  # noqa: E402
 
 TINY = dict(
     vocab_size=101, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
@@ -162,6 +163,28 @@ def test_fused_projections_equal_the_separate_ones(pair):
         kv.reserve(b.pos + 1)
     got = fused.forward(ids[36:37], b, pos=torch.tensor([b.pos]))
     assert relative_error(got, plain.forward(ids[36:37], a)) < 1e-5
+
+
+def test_fused_projections_of_quantized_matrices(pair):
+    """Resident matrices kept 8-bit (QTensors, resident="q8"): fused by stacking words, scales and biases,
+    the same logits as the separate products."""
+    from flashmoe_pack.quant import quantize
+
+    hf, _ = pair
+    cfg = Qwen35MoeConfig.from_dict(hf.config.to_dict())
+    w = {k: v.float() for k, v in hf.state_dict().items()}
+    experts = DenseExperts.from_hf(w, cfg.num_hidden_layers)
+    for k in list(w):
+        if k.startswith("model.layers.") and ".experts." not in k and w[k].dim() == 2 and w[k].shape[1] % 32 == 0:
+            w[k] = quantize(w[k], 8, 32, torch.float32, "minmax")
+    plain = Qwen35MoeModel(cfg, dict(w), experts)
+    fused = Qwen35MoeModel(cfg, dict(w), experts, fuse=True)
+    assert isinstance(fused.layers[0]["mlp.shared_expert.gate_up_proj.weight"], QTensor)
+    ids = torch.randint(0, 101, (20,), generator=torch.Generator().manual_seed(12))
+    a, b = plain.new_state(), fused.new_state()
+    assert relative_error(fused.forward(ids[:17], b), plain.forward(ids[:17], a)) < 1e-5
+    for t in range(17, 20):
+        assert relative_error(fused.forward(ids[t : t + 1], b), plain.forward(ids[t : t + 1], a)) < 1e-5
 
 
 def test_decode_attention_masks_the_tail_and_matches_sdpa():

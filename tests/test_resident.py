@@ -192,9 +192,33 @@ def test_float32_compute_stays_float(packed_bf16r, packed16):
 def test_mode_errors():
     with pytest.raises(ValueError, match="resident='q9'"):
         res.resolve_mode("q9", torch.device("cpu"), torch.bfloat16)
-    with pytest.raises(ValueError, match="device cuda"):
-        res.resolve_mode("q8", torch.device("cuda"), torch.bfloat16)
+    with pytest.raises(ValueError, match="device mps has no quantized kernels"):
+        res.resolve_mode("q8", torch.device("mps"), torch.bfloat16)
+    assert res.resolve_mode("auto", torch.device("mps"), torch.bfloat16) == "bf16"
+    # CUDA: quantized matrices run in Triton; "auto" keeps float weights while they fit in VRAM
     assert res.resolve_mode("auto", torch.device("cuda"), torch.bfloat16) == "bf16"
+    assert res.resolve_mode("auto", torch.device("cuda"), torch.bfloat16, fits=False) == "q8"
+    assert res.resolve_mode("auto", torch.device("cuda"), torch.float32, fits=False) == "bf16"
+    assert res.resolve_mode("q4-head", torch.device("cuda"), torch.bfloat16) == "q4-head"
+
+
+def test_quantized_on_cuda_needs_triton(monkeypatch):
+    from flashmoe_pack.backends import triton_kernels
+
+    monkeypatch.setattr(triton_kernels, "HAVE_TRITON", False)
+    with pytest.raises(ValueError, match="triton is not installed"):
+        res.resolve_mode("q8", torch.device("cuda"), torch.bfloat16)
+    assert res.resolve_mode("auto", torch.device("cuda"), torch.bfloat16, fits=False) == "bf16"
+
+
+def test_float_bytes_counts_what_bf16_puts_on_the_device(packed_bf16r, packed_q8r):
+    """What "auto" on CUDA compares with free VRAM: float matrices and stored 8-bit ones as bf16."""
+    from flashmoe_pack.pack import load_index
+
+    for path in (packed_bf16r, packed_q8r):
+        ix = load_index(path)
+        held = res.load_resident(ix, "cpu", None, resident="bf16").values()
+        assert res.float_bytes(ix, torch.bfloat16) == sum(t.numel() * t.element_size() for t in held)
 
 
 def test_quantized_modes_need_the_c_kernels(monkeypatch):

@@ -146,3 +146,41 @@ def test_forward_picks_decode_or_gemm_and_skips_nothing():
         x = torch.randn(t, 64, device=DEV)
         ids, w = routing(t, 2, 3, seed=t)
         assert rel(tk.moe_forward(x, table, ids.tolist(), w.to(DEV)), dense_ref(x, exps, ids, w)) < 1e-5
+
+
+@pytest.mark.parametrize("bits,group,sdt", [(4, 64, torch.bfloat16), (8, 32, torch.float16), (2, 32, torch.float32)])
+@pytest.mark.parametrize("rows,cols,t", [(37, 192, 1), (130, 256, 3)])
+def test_qmatvec_equals_dequantize_then_matmul(bits, group, sdt, rows, cols, t):
+    """A resident quantized matrix on CUDA (layers.linear, T <= DECODE_MAX_T): odd row counts."""
+    g = torch.Generator().manual_seed(rows + bits)
+    qt = quantize(torch.randn(rows, cols, generator=g) * 0.1, bits, group, sdt, "minmax")
+    qt.weight, qt.scales, qt.biases = (x.to(DEV) for x in (qt.weight, qt.scales, qt.biases))
+    for xdt in (torch.float32, torch.bfloat16):
+        x = torch.randn(t, cols, generator=g).to(xdt).to(DEV)
+        want = x.double().cpu() @ dequantize(qt).double().cpu().T
+        y = tk.qmatvec(x, qt, torch.float32)
+        assert y.dtype == torch.float32 and y.shape == (t, rows)
+        assert rel(y, want) < 2e-5
+
+
+def test_linear_on_cuda_takes_the_kernel_for_decode_and_row_chunks_for_prefill(monkeypatch):
+    """layers.linear with a QTensor off the CPU C kernels: up to DECODE_MAX_T rows through qmatvec, more
+    rows dequantized a chunk of rows at a time (chunks forced small here): both equal the plain product."""
+    from flashmoe_pack.models import layers
+
+    g = torch.Generator().manual_seed(3)
+    qt = quantize(torch.randn(300, 128, generator=g) * 0.1, 8, 64, torch.bfloat16, "minmax")
+    qt.weight, qt.scales, qt.biases = (x.to(DEV) for x in (qt.weight, qt.scales, qt.biases))
+    monkeypatch.setenv("FLASHMOE_CPU_KERNEL", "torch")  # no C kernels: the path a CUDA tensor takes
+    monkeypatch.setattr(layers, "_gpu_qkernels", lambda x: tk)
+    calls = []
+    real = tk.qmatvec
+    monkeypatch.setattr(tk, "qmatvec", lambda *a, **k: calls.append(a[0].shape[0]) or real(*a, **k))
+    monkeypatch.setattr(layers, "_CHUNK_ELEMENTS", 128 * 70)  # 70-row chunks: 5 of them, the last short
+    w = dequantize(qt).double().cpu()
+    for t in (1, 4, 9):
+        x = torch.randn(2, t, 128, generator=g).to(DEV) if t == 9 else torch.randn(t, 128, generator=g).to(DEV)
+        y = layers.linear(x, qt, out_dtype=torch.float32)
+        assert y.shape == x.shape[:-1] + (300,)
+        assert rel(y, x.double().cpu() @ w.T) < 2e-5
+    assert calls == [1, 4]  # 18 rows: the chunked path

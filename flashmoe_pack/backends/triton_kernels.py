@@ -266,6 +266,18 @@ if HAVE_TRITON:
         tl.store(out_ptr + p[:, None] * n_out + rows[None, :], res.to(out_ptr.dtype.element_ty), mask=om)
 
 
+    @triton.jit
+    def _qmatvec(x_ptr, y_ptr, w_ptr, s_ptr, s_off, b_off, n_in, n_out,
+                 BN: tl.constexpr, BK: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr):
+        """y[t, rows] = W x[t] for one quantized matrix (a resident weight), float32 arithmetic."""
+        pid_n = tl.program_id(0)
+        t = tl.program_id(1)
+        rows = pid_n * BN + tl.arange(0, BN)
+        rmask = rows < n_out
+        y = _qmv(w_ptr, s_ptr, 0, s_off, b_off, rows, rmask, x_ptr + t * n_in, n_in, BN, BK, BITS, G)
+        tl.store(y_ptr + t * n_out + rows, y.to(y_ptr.dtype.element_ty), mask=rmask)
+
+
 # --------------------------------------------------------------------------------------- launchers
 
 
@@ -352,3 +364,20 @@ def moe_forward(x: torch.Tensor, table: ExpertTable, ids, rw: torch.Tensor) -> t
         aexp = _to(np.asarray(ids, dtype=np.int32).reshape(-1), x.device)
         return moe_decode(x, table, aexp, rw.reshape(-1), len(ids[0]))
     return moe_gemm(x, table, ids, rw)
+
+
+def qmatvec(x: torch.Tensor, qt: QTensor, out_dtype: torch.dtype | None = None,
+            cfg: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """x [T, in] (T <= DECODE_MAX_T, contiguous) @ qt^T -> [T, out] in out_dtype (default x's): one
+    quantized matrix (a resident weight) in the decode kernels' arithmetic (qmv_twin's)."""
+    assert HAVE_TRITON and supported(qt) and x.dim() == 2 and x.is_contiguous()
+    rows, cols = qt.shape
+    assert x.shape[1] == cols and cols % qt.group_size == 0 and qt.weight.is_contiguous()
+    assert qt.scales.dtype == qt.biases.dtype and qt.scales.is_contiguous() and qt.biases.is_contiguous()
+    base, (s_off, b_off) = _base_offsets([qt.scales, qt.biases])
+    bn, bk, warps = cfg or DECODE_CFG[qt.bits]
+    y = torch.empty(x.shape[0], rows, dtype=out_dtype or x.dtype, device=x.device)
+    _qmatvec[(triton.cdiv(rows, bn), x.shape[0])](x, y, qt.weight, base, s_off, b_off, cols, rows, BN=bn,
+                                                 BK=max(bk, qt.group_size), BITS=qt.bits, G=qt.group_size,
+                                                 num_warps=warps)
+    return y

@@ -10,7 +10,9 @@ Modes (`load(..., resident=...)`, `run --resident`):
     "auto"     "q8" on the CPU with the C kernels and a half-precision compute dtype, else "bf16":
                a decode token reads about half the bytes at the same top-1 on the test models
                (README has the numbers); float32 compute (dtype="float32", e.g. verify) stays exact.
-Quantized matrices are kept only on the CPU with the C kernels; other devices take "bf16" or "auto".
+               On CUDA: "bf16" when the float weights take at most 70% of free VRAM, else "q8".
+Quantized matrices are kept on the CPU (C kernels) and on CUDA (Triton for decode, dequantized in row
+chunks for prefill; quantized at load by the C kernels, then moved); other devices take "bf16".
 The embedding stays a lookup: kept 8-bit only if the pack stores it so (its T rows are dequantized per
 step) or if it is also the head (tied), in float otherwise.
 """
@@ -55,19 +57,49 @@ def compute_dtype(index: PackedIndex, dtype: torch.dtype | None) -> torch.dtype:
     return dtype or fmt.DTYPES.get(index.raw["resident"].get("dtype"), torch.bfloat16)
 
 
-def resolve_mode(mode: str, device: torch.device, dtype: torch.dtype) -> str:
-    """The mode actually used for compute dtype `dtype`: "auto" resolved; a quantized mode off the
-    CPU C kernels is refused."""
+def _quantized_ok(device: torch.device) -> str | None:
+    """None when quantized matrices can be kept for `device`, else why not."""
+    if _c_kernels() is None:  # they quantize at load, and run the products on the CPU
+        return "the C kernels are unavailable"
+    if device.type == "cuda":
+        from ..backends import triton_kernels
+
+        return None if triton_kernels.HAVE_TRITON else "triton is not installed"
+    return None if device.type == "cpu" else f"device {device.type} has no quantized kernels"
+
+
+def resolve_mode(mode: str, device: torch.device, dtype: torch.dtype, fits: bool = True) -> str:
+    """The mode actually used for compute dtype `dtype`: "auto" resolved (on CUDA: "bf16" if the float
+    weights fit, `fits`, else "q8"); a quantized mode where no kernel runs it is refused."""
     if mode not in MODES:
         raise ValueError(f"resident={mode!r}: use one of {', '.join(MODES)}")
-    c_ok = device.type == "cpu" and _c_kernels() is not None
+    why = _quantized_ok(device)
     if mode == "auto":
-        return "q8" if c_ok and dtype in (torch.bfloat16, torch.float16) else "bf16"
-    if mode != "bf16" and not c_ok:
-        why = f"device {device.type}" if device.type != "cpu" else "the C kernels are unavailable"
-        raise ValueError(f"resident={mode!r} keeps quantized matrices for the CPU C kernels, but {why}: "
-                         "use resident='bf16' (or 'auto')")
+        half = dtype in (torch.bfloat16, torch.float16)
+        if device.type == "cuda":
+            return "q8" if not fits and half and why is None else "bf16"
+        return "q8" if device.type == "cpu" and why is None and half else "bf16"
+    if mode != "bf16" and why is not None:
+        raise ValueError(f"resident={mode!r} keeps quantized matrices, but {why}: use resident='bf16' (or 'auto')")
     return mode
+
+
+def float_bytes(index: PackedIndex, dtype: torch.dtype) -> int:
+    """Bytes of the resident tensors as "bf16" holds them: matrices in `dtype`, vectors as stored."""
+    tensors = index.raw["resident"]["tensors"]
+    n = 0
+    for name, meta in tensors.items():
+        if name.endswith((".scales", ".biases")) and name.rsplit(".", 1)[0] in tensors:
+            continue  # the scales and biases of a stored 8-bit matrix, counted with it
+        numel = 1
+        for d in meta["shape"]:
+            numel *= d
+        stored = fmt.DTYPES[meta["dtype"]]
+        if "quant" in meta:  # packed words: the float matrix has 32 / bits values per word
+            n += numel * 32 // meta["quant"]["bits"] * dtype.itemsize
+        else:
+            n += numel * (dtype.itemsize if len(meta["shape"]) >= 2 and stored.is_floating_point else stored.itemsize)
+    return n
 
 
 def _target_bits(name: str, t: torch.Tensor | QTensor, mode: str, head: str) -> int | None:
@@ -99,7 +131,15 @@ def load_resident(index: PackedIndex, device: torch.device, dtype: torch.dtype |
     """All non-expert tensors, checked against their xxhash64, in the form `resident` asks for
     (module docstring), cast and moved once."""
     device = torch.device(device)
-    mode = resolve_mode(resident, device, compute_dtype(index, dtype))
+    cdt = compute_dtype(index, dtype)
+    fits = True
+    if device.type == "cuda" and resident == "auto":  # float weights in at most 70% of free VRAM
+        need, free = float_bytes(index, cdt), torch.cuda.mem_get_info(device)[0]
+        fits = need <= 0.7 * free
+        if not fits:
+            log.info("resident weights in %s need %.1f GB of %.1f GB free VRAM: keeping them 8-bit", cdt,
+                     need / 1e9, free / 1e9)
+    mode = resolve_mode(resident, device, cdt, fits)
     tensors = index.raw["resident"]["tensors"]
     head = HEAD if HEAD in tensors else EMBED  # no lm_head: tied to the embedding
     out: dict[str, torch.Tensor | QTensor] = {}
@@ -139,7 +179,8 @@ def load_resident(index: PackedIndex, device: torch.device, dtype: torch.dtype |
             out[name] = _quantize(q, bits) if bits and bits != q.bits else q
     for name, t in out.items():
         if isinstance(t, QTensor):
-            continue  # CPU only (resolve_mode)
+            out[name] = QTensor(t.weight.to(device), t.scales.to(device), t.biases.to(device), t.bits, t.group_size)
+            continue
         if dtype is not None and t.dtype.is_floating_point and t.dim() >= 2:
             t = t.to(dtype)
         out[name] = t.to(device)

@@ -29,6 +29,15 @@ def _fused(x: Tensor):
     return triton_layers if triton_layers.HAVE_TRITON else None
 
 
+def _gpu_qkernels(x: Tensor):
+    """backends.triton_kernels for quantized resident matrices times a CUDA tensor, else None."""
+    if x.device.type != "cuda":
+        return None
+    from ..backends import triton_kernels
+
+    return triton_kernels if triton_kernels.HAVE_TRITON else None
+
+
 # ---------------------------------------------------------------------------------------- linear
 
 # From this many rows of x on, a quantized product on the CPU dequantizes the weight in row chunks
@@ -59,8 +68,10 @@ def linear(x: Tensor, w: Tensor | QTensor, bias: Tensor | None = None, out_dtype
     A float w runs as torch's F.linear (on the CPU faster than the C float path at every T measured:
     bf16 32768x4096, one thread, T=1 15.0 ms vs 23.9). A QTensor on the CPU runs in the C kernels
     (float32 arithmetic on the exact dequantized values; threads as the expert kernels:
-    FLASHMOE_THREADS, else torch's); elsewhere, or without the C kernels, through its twin:
-    dequantize to x's dtype, then F.linear."""
+    FLASHMOE_THREADS, else torch's). On CUDA, up to triton_kernels.DECODE_MAX_T rows of x run in a
+    Triton kernel straight from the packed words (the expert decode kernels' float32 arithmetic);
+    more rows, other devices, or no C kernels: the matrix is dequantized to x's dtype a chunk of
+    rows at a time and multiplied in torch (the whole float matrix never exists)."""
     if not isinstance(w, QTensor):
         y = F.linear(x.to(w.dtype), w, None if bias is None else bias.to(w.dtype))  # (the model's are in w's dtype)
         return y.to(out_dtype or x.dtype)
@@ -69,8 +80,15 @@ def linear(x: Tensor, w: Tensor | QTensor, bias: Tensor | None = None, out_dtype
     lead = x.shape[:-1]
     x2 = x.reshape(-1, cols)  # [T, in]
     cpu = _c_kernels() if x.device.type == "cpu" and w.weight.device.type == "cpu" else None
-    if cpu is None:
-        y = F.linear(x2, dequantize(w, x.dtype))
+    gpu = _gpu_qkernels(x) if cpu is None else None
+    if gpu is not None and x2.shape[0] <= gpu.DECODE_MAX_T and gpu.supported(w):
+        y = gpu.qmatvec(x2.contiguous(), w, torch.float32)
+    elif cpu is None:
+        y = torch.empty(x2.shape[0], rows, dtype=x.dtype, device=x.device)
+        step = max(1, (_CHUNK_ELEMENTS * (8 if x.device.type == "cuda" else 1)) // cols)
+        for r in range(0, rows, step):
+            part = QTensor(w.weight[r: r + step], w.scales[r: r + step], w.biases[r: r + step], w.bits, w.group_size)
+            torch.matmul(x2, dequantize(part, x.dtype).T, out=y[:, r: r + step])
     elif x2.shape[0] < DEQUANT_FROM_T:
         threads = 1 if rows * cols * x2.shape[0] < _ONE_THREAD_BELOW else None
         y = cpu.matmul(x2.to(torch.float32).contiguous(), w, threads)  # [T, out] float32

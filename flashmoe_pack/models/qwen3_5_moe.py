@@ -205,16 +205,31 @@ _FUSE = {
 }
 
 
+def _cat_rows(ts: list) -> Tensor | QTensor | None:
+    """Matrices stacked by rows: float ones of one dtype, or QTensors of one scheme; None otherwise."""
+    if any(t is None for t in ts):
+        return None
+    if all(isinstance(t, Tensor) and t.dtype == ts[0].dtype for t in ts):
+        return torch.cat(ts)
+    q0 = ts[0]
+    if all(isinstance(t, QTensor) and (t.bits, t.group_size, t.scales.dtype) == (q0.bits, q0.group_size,
+                                                                                   q0.scales.dtype) for t in ts):
+        return QTensor(*(torch.cat([getattr(t, f) for t in ts]) for f in ("weight", "scales", "biases")),
+                       q0.bits, q0.group_size)
+    return None
+
+
 def _fuse_rows(w: dict[str, Tensor | QTensor], weights, prefix: str) -> None:
-    """Replace each _FUSE group whose parts are all in `w` as float matrices of one dtype (no bias) by
-    their concatenation; the parts leave `w` and, where it is a dict, `weights` (their memory can go)."""
+    """Replace each _FUSE group whose parts are all in `w` and stack (_cat_rows; no bias) by their
+    concatenation; the parts leave `w` and, where it is a dict, `weights` (their memory can go)."""
     for name, parts in _FUSE.items():
-        ts = [w.get(p) for p in parts]
-        if any(t is None or isinstance(t, QTensor) or t.dtype != ts[0].dtype for t in ts):
-            continue
         if any(p.replace(".weight", ".bias") in w for p in parts):
             continue
-        w[name] = torch.cat(ts)
+        ts = [w.get(p) for p in parts]
+        fused = _cat_rows(ts)
+        if fused is None:
+            continue
+        w[name] = fused
         w[name + ".split"] = [t.shape[0] for t in ts]
         for p in parts:
             del w[p]
