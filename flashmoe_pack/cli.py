@@ -14,6 +14,8 @@ from pathlib import Path
 
 import typer
 
+from flashmoe_pack.commands import RESIDENT_HELP
+
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Pack, verify and run Mixture-of-Experts models that do not fit in memory.")
 
@@ -240,9 +242,7 @@ def run(
     device: str = typer.Option("cpu", help="cpu | cuda | mps."),
     timing: bool = typer.Option(False, help="Print a per-layer time breakdown and totals."),
     verify_reads: bool = typer.Option(True, help="Check every expert record read against its xxhash64."),
-    resident: str = typer.Option("auto", help="Non-expert matrices: auto (q8 on the CPU with the C kernels; "
-                                              "on cuda bf16 if it fits in 70% of free VRAM, else q8) | bf16 | "
-                                              "stored (as packed) | q8 | q4-head."),
+    resident: str = typer.Option("auto", help=RESIDENT_HELP),
     cpu_dot: str = typer.Option("auto", help=CPU_DOT_HELP),
 ):
     """Generate text, streaming experts from disk."""

@@ -14,3 +14,7 @@ MODULES: tuple[str, ...] = ("chat", "serve")
 def register_all(app) -> None:
     for name in MODULES:
         importlib.import_module(f"{__name__}.{name}").register(app)
+
+# --resident of run, chat and serve (engine/resident.py has the modes; kept here so --help imports no torch)
+RESIDENT_HELP = ("Non-expert matrices: auto (q8 on the CPU with the C kernels; on cuda bf16 if it fits in 70% of "
+                 "free VRAM, else q8) | bf16 | stored (as packed) | q8 | q4-head.")

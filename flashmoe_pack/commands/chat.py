@@ -18,6 +18,8 @@ from pathlib import Path
 
 import typer
 
+from flashmoe_pack.commands import RESIDENT_HELP
+
 SHELL_TOOL = {
     "type": "function",
     "function": {
@@ -243,8 +245,7 @@ def chat(
                                                  "(default 'auto': what memory leaves; on cuda the host tier)."),
     gpu_expert_cache: str = typer.Option("auto", help="cuda: byte budget of the VRAM expert tier."),
     device: str = typer.Option("cpu", help="cpu | cuda | mps."),
-    resident: str = typer.Option("auto", help="Non-expert matrices: auto (q8 on the CPU with the C kernels, "
-                                              "else bf16) | bf16 | stored (as packed) | q8 | q4-head."),
+    resident: str = typer.Option("auto", help=RESIDENT_HELP),
     cpu_dot: str = typer.Option("auto", help="CPU decode arithmetic: auto (int8 activations with AVX-512 VNNI, "
                                              "else f32) | f32 | int8."),
 ):

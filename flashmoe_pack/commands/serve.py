@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from flashmoe_pack.commands import RESIDENT_HELP
+
 
 def serve(
     model: Path | None = typer.Argument(None, help="Packed model folder (default: the built-in tiny model)."),
@@ -38,8 +40,7 @@ def serve(
     io: str = typer.Option("auto", help="auto (direct where O_DIRECT works, Linux) | os (page cache) | direct."),
     threads: int = typer.Option(8, help="Parallel expert reads."),
     device: str = typer.Option("cpu", help="cpu | cuda | mps."),
-    resident: str = typer.Option("auto", help="Non-expert matrices: auto (q8 on the CPU with the C kernels, "
-                                              "else bf16) | bf16 | stored (as packed) | q8 | q4-head."),
+    resident: str = typer.Option("auto", help=RESIDENT_HELP),
     cpu_dot: str = typer.Option("auto", help="CPU decode arithmetic: auto (int8 activations with AVX-512 VNNI, "
                                              "else f32) | f32 | int8."),
     compute_threads: int | None = typer.Option(
