@@ -22,9 +22,12 @@ under (it also caps their page cache).
 Every engine run is a fresh process in that cgroup, after the page cache was dropped:
 - flashmoe: `load(device="cuda", gpu_expert_cache=<slots>, expert_cache="auto" (host tier: what the
   cgroup leaves), io="direct")`; a warm-up (Triton compiles) on a separate state, then fresh caches; a
-  random 512-token prompt (TTFT: prefill + first token), then `--tokens` greedy decode steps. Counters
-  per tier from the cache itself; disk bytes from O_DIRECT reads, PCIe bytes from the copies it issued.
-- llama.cpp: `llama-bench -ngl 99 -ncmoe N -p 512 -n T -r 1 -t 16 -o json` (defaults otherwise: mmap);
+  warm-up prompt of the same length (as llama-bench's warm-up run, which fills its page cache; --cold-ttft
+  skips it), then a random 512-token prompt (TTFT: prefill + first token), then `--tokens` greedy decode
+  steps. Counters per tier from the cache itself; disk bytes from O_DIRECT reads, PCIe bytes from the
+  copies it issued.
+- llama.cpp: `llama-bench -ngl 99 -ncmoe N -p 512 -n T -r 1 -t 16 -o json` (defaults otherwise: mmap, and
+  a warm-up run of each test before the timed one);
   K is changed by rewriting `qwen35moe.expert_used_count` in the GGUF in place (restored after).
   Its disk bytes are /proc/diskstats deltas over the decode window (llama-bench runs the prompt test
   first, the decode test last); PCIe from `nvidia-smi dmon -s t` over the same window.
@@ -369,6 +372,14 @@ def engine_run(spec: dict) -> dict:
             m.store.preload()
             sync()
             r["preload_s"] = time.perf_counter() - t
+        s0 = m.store.tier_stats()
+        if spec.get("prefill_warmup", True):  # as llama-bench: a whole warm-up prompt before the timed one
+            t = time.perf_counter()
+            for _ in m.generate_ids([rng.randrange(vocab) for _ in range(spec["prompt"])], max_tokens=1, stop_ids=()):
+                pass
+            sync()
+            r["prefill_warmup_s"] = time.perf_counter() - t
+            s0 = m.store.tier_stats()
         prompt = [rng.randrange(vocab) for _ in range(spec["prompt"])]
         snaps = []
         wall = []
@@ -398,7 +409,7 @@ def engine_run(spec: dict) -> dict:
             "h2d_bytes_per_tok": d("vram", "h2d_bytes") / max(n, 1),
             "disk_GB_s": d("disk", "bytes") / st.decode_s / 1e9 if st.decode_s else 0.0,
             "pcie_GB_s": d("vram", "h2d_bytes") / st.decode_s / 1e9 if st.decode_s else 0.0,
-            "prefill_disk_bytes": a["disk"]["bytes"], "decode_window": [wall[0], wall[1]],
+            "prefill_disk_bytes": a["disk"]["bytes"] - s0["disk"]["bytes"], "decode_window": [wall[0], wall[1]],
             "direct": b["disk"]["direct"],
             "graph": {key: v - g0[key] for key, v in graph_counts(m).items()},
             "tiers": b.get("mode"), "policy": m.store.policy.name,
@@ -557,6 +568,9 @@ def main():
     ap.add_argument("--threads", type=int, default=16, help="flashmoe reader threads")
     ap.add_argument("--cpu-threads", type=int, default=16, help="llama.cpp threads")
     ap.add_argument("--skip", nargs="*", default=[], help="flashmoe llama resident stream")
+    ap.add_argument("--cold-ttft", action="store_true",
+                    help="flashmoe: time the prompt from empty tiers (default: after a warm-up prompt of the same "
+                    "length, as llama-bench times its prompt after a warm-up run)")
     ap.add_argument("--overlap-ab", action="store_true",
                     help="also run flashmoe streaming with FLASHMOE_CUDA_SERIAL=1 (what overlapping reads, copies "
                     "and kernels buys)")
@@ -610,7 +624,7 @@ def main():
 
     save()
     budget = {"vram": gpu_layers * E * slot, "host": "auto", "threads": args.threads, "prompt": args.prompt,
-              "model": str(args.model)}
+              "model": str(args.model), "prefill_warmup": not args.cold_ttft}
     if "flashmoe" not in args.skip and "stream" not in args.skip:
         for k in args.k:
             log("flashmoe stream K", k)

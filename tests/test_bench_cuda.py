@@ -137,3 +137,11 @@ def test_engine_run_on_cpu(synth):
     assert r["K"] == 2 and r["decode_tokens"] == 3 and r["vram_slots"] == 3 and r["host_budget_bytes"] == 0
     assert r["host_hit"] == 0.0 and r["disk_bytes_per_tok"] > 0 and r["h2d_bytes_per_tok"] > 0
     assert r["ttft_s"] > 0 and r["decode_tok_s"] > 0
+    assert r["prefill_warmup_s"] > 0  # a warm-up prompt before the timed one, as llama-bench does
+    cold = bc.engine_run({"model": str(out), "device": "cpu", "vram": 3 * slot, "host": 10 * slot, "threads": 2,
+                          "prompt": 9, "ks": [2], "tokens": 1, "prefill_warmup": False})["runs"][0]
+    warm = bc.engine_run({"model": str(out), "device": "cpu", "vram": 3 * slot, "host": 10 * slot, "threads": 2,
+                          "prompt": 9, "ks": [2], "tokens": 1})["runs"][0]
+    assert "prefill_warmup_s" not in cold
+    # the timed prompt's reads only: what the warm-up left in the tiers is not read again
+    assert 0 < warm["prefill_disk_bytes"] < cold["prefill_disk_bytes"]
