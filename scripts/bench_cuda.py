@@ -358,20 +358,22 @@ def engine_run(spec: dict) -> dict:
     # warm-up: Triton compiles for prefill and decode (on its own state), then fresh tiers
     for _ in m.generate_ids([rng.randrange(vocab) for _ in range(16)], max_tokens=3, stop_ids=()):
         pass
+    preloaded = False
     for k in spec["ks"]:
-        m.store.close()
-        if dev == "cuda":
-            torch.cuda.empty_cache()
-        m.store, m.experts = cuda_experts(m.index, spec["vram"], io="direct", threads=spec["threads"],
-                                          device=m.device, host_budget=spec["host"])
-        m.model.experts = m.experts
-        m.model.config.num_experts_per_tok = k
         r = {"K": k}
-        if spec.get("preload"):
-            t = time.perf_counter()
-            m.store.preload()
-            sync()
-            r["preload_s"] = time.perf_counter() - t
+        if not preloaded:  # fresh tiers for each K, except a fully resident pool: it holds every expert anyway
+            m.store.close()
+            if dev == "cuda":
+                torch.cuda.empty_cache()
+            m.store, m.experts = cuda_experts(m.index, spec["vram"], io="direct", threads=spec["threads"],
+                                              device=m.device, host_budget=spec["host"])
+            m.model.experts = m.experts
+            if spec.get("preload"):
+                t = time.perf_counter()
+                m.store.preload()
+                sync()
+                r["preload_s"], preloaded = time.perf_counter() - t, True
+        m.model.config.num_experts_per_tok = k
         s0 = m.store.tier_stats()
         if spec.get("prefill_warmup", True):  # as llama-bench: a whole warm-up prompt before the timed one
             t = time.perf_counter()

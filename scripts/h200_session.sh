@@ -9,21 +9,19 @@
 # The pipeline (about 20-25 minutes, mostly disk-bound):
 #   1. llama-bench built for sm_90 (detached), the C extension, gpu_check.py (GPU correctness and tests)
 #      while the GGUF of STREAM_LAYERS layers of Qwen3.5-397B geometry is written alone;
-#   2. bench_cuda.py streaming, llama.cpp on the GGUF; the GGUF deleted, the pack of the same weights
-#      written; bench_cuda.py --merge streaming, flashmoe-pack: one format at a time, since both formats of
-#      12 layers (47 + 56 GB) do not fit the 64 GB disk together;
-#   3. fully resident (both engines, profile of a step): both formats of RES_LAYERS layers of 397B geometry,
-#      then of Qwen3.5-35B-A3B geometry (40 layers, K=8);
+#   2. bench_cuda.py, streaming and fully resident, llama.cpp on the GGUF; the GGUF deleted, the pack of the
+#      same weights written; bench_cuda.py --merge, flashmoe-pack (with a profile of the resident step):
+#      one format at a time, since both formats of 12 layers (47 + 56 GB) do not fit the 64 GB disk together;
+#   3. fully resident, Qwen3.5-35B-A3B geometry (40 layers, K=8), both formats;
 #   4. on 2 layers: flashmoe-pack streaming with and without overlap (FLASHMOE_CUDA_SERIAL=1), and the naive
 #      baseline, transformers + accelerate offload, on the same 2 layers.
-# Results: $D/results/{stream,resident}/bench_cuda.{json,md,log} and gpu_check.json, copied to $OUT.
+# Results: $D/results/{stream,q35,two}/bench_cuda.{json,md}, transformers/, gpu_check.json, copied to $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 STAGE=${1:?prep|start|wait|pipeline}
 OUT=${OUT:-$PWD/out}
 D=${D:-/data}
 STREAM_LAYERS=${STREAM_LAYERS:-12}
-RES_LAYERS=${RES_LAYERS:-5}
 DONE=/tmp/fmp-pipeline.done
 mkdir -p "$OUT"
 
@@ -44,8 +42,8 @@ device_env() {
 step() { echo "[$(date +%T)] $*" | tee -a "$D/results/pipeline.log"; }
 
 collect() {
-    for f in "$D"/results/pipeline.log "$D"/results/gpu_check.json "$D"/results/{stream,resident}/bench_cuda.json \
-        "$D"/results/{q35,two}/bench_cuda.json "$D"/results/transformers/transformers.json; do
+    for f in "$D"/results/pipeline.log "$D"/results/gpu_check.json "$D"/results/{stream,q35,two}/bench_cuda.json \
+        "$D"/results/stream/bench_cuda.md "$D"/results/transformers/transformers.json; do
         [ -e "$f" ] && cp "$f" "$OUT/$(basename "$(dirname "$f")")_$(basename "$f")"
     done
     cat "$D/results/pipeline.log" 2>/dev/null
@@ -80,20 +78,14 @@ sys.exit(any('error' in str(r.get(k, {}))[:20] or not r.get(k) for k in ('confor
     wait_for /tmp/ll/done 900; step "llama-bench build rc $(cat /tmp/ll/done)"
     local LB=/tmp/ll/llama.cpp/build/bin/llama-bench
     [ -x "$LB" ] || step "no llama-bench: $(tail -5 /tmp/ll/build.log /tmp/ll/cmake.log 2>&1)"
+    # the same 12 layers fully resident too (48 GB of experts fit the H200's VRAM): no third generation
     local B=(python3 scripts/bench_cuda.py "$G" "$G.gguf" --llama-bench "$LB" --out "$D/results/stream" --merge)
-    "${B[@]}" --skip resident >"$D/results/stream.log" 2>&1; step "llama.cpp streaming rc $?"
+    "${B[@]}" >"$D/results/stream.log" 2>&1; step "llama.cpp streaming + resident rc $?"
     rm -f "$G.gguf"
     nice -n 5 python3 scripts/make_synthetic.py "$G" --layers "$STREAM_LAYERS" --jobs 6 >>"$D/results/gen1.log" 2>&1
     step "pack written: rc $?"
-    "${B[@]}" --skip resident >>"$D/results/stream.log" 2>&1; step "flashmoe streaming rc $?"
+    "${B[@]}" >>"$D/results/stream.log" 2>&1; step "flashmoe streaming + resident rc $?"
     rm -rf "$G"
-    local R=$D/m$RES_LAYERS
-    nice -n 5 python3 scripts/make_synthetic.py "$R" --layers "$RES_LAYERS" --gguf "$R.gguf" --jobs 6 >"$D/results/gen2.log" 2>&1
-    step "resident pair written: rc $?"
-    python3 scripts/bench_cuda.py "$R" "$R.gguf" --llama-bench "$LB" --out "$D/results/resident" --skip stream \
-        >"$D/results/resident.log" 2>&1
-    step "resident rc $?"
-    rm -rf "$R" "$R.gguf"
     local Q=$D/q35
     nice -n 5 python3 scripts/make_synthetic.py "$Q" --geometry qwen35-35b --gguf "$Q.gguf" --jobs 8 >"$D/results/gen35.log" 2>&1
     step "35B pair written: rc $?"

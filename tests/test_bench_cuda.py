@@ -145,3 +145,18 @@ def test_engine_run_on_cpu(synth):
     assert "prefill_warmup_s" not in cold
     # the timed prompt's reads only: what the warm-up left in the tiers is not read again
     assert 0 < warm["prefill_disk_bytes"] < cold["prefill_disk_bytes"]
+
+
+def test_resident_run_preloads_once(synth):
+    """The fully resident case: every expert read into VRAM once, then each K served from it alone."""
+    from flashmoe_pack.pack import format as fmt
+    from flashmoe_pack.pack import load_index
+
+    out, _ = synth
+    ix = load_index(out)
+    slot = fmt.align_up(ix.layout.record_bytes, 256)
+    res = bc.engine_run({"model": str(out), "device": "cpu", "vram": len(ix.layers) * ix.num_experts * slot,
+                         "host": 0, "threads": 2, "prompt": 5, "ks": [2, 1], "tokens": 2, "preload": True})
+    first, second = res["runs"]
+    assert "preload_s" in first and "preload_s" not in second
+    assert first["vram_hit"] == second["vram_hit"] == 1.0 and second["disk_bytes_per_tok"] == 0
