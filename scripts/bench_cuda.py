@@ -555,8 +555,10 @@ def floors(args, geo: dict, gpu_layers: int, host_bytes: float, h2d: float, disk
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("model", type=Path, help="the flashmoe-pack model (flashmoe runs are skipped while it is absent)")
-    ap.add_argument("gguf", type=Path, help="the same weights as GGUF (llama.cpp runs are skipped while it is absent)")
+    ap.add_argument("model", type=Path, nargs="?",
+                    help="the flashmoe-pack model (flashmoe runs are skipped while it is absent)")
+    ap.add_argument("gguf", type=Path, nargs="?",
+                    help="the same weights as GGUF (llama.cpp runs are skipped while it is absent)")
     ap.add_argument("--llama-bench", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench-out")))
     ap.add_argument("--merge", action="store_true",
@@ -576,13 +578,19 @@ def main():
     ap.add_argument("--overlap-ab", action="store_true",
                     help="also run flashmoe streaming with FLASHMOE_CUDA_SERIAL=1 (what overlapping reads, copies "
                     "and kernels buys)")
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                    help="cpu: a dry run of the whole script on CPU tensors (Triton's interpreter), for tiny models")
     ap.add_argument("--engine-run", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.device == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")
     if args.engine_run:
         print(json.dumps(engine_run(json.loads(args.engine_run))))
         return
     from flashmoe_pack.pack import format as fmt
 
+    if args.model is None or args.gguf is None:
+        ap.error("MODEL and GGUF are required (either may be absent on disk)")
     have_pack = (args.model / fmt.INDEX_NAME).exists()
     have_gguf = args.gguf.exists()
     if not have_pack and not have_gguf:
@@ -617,7 +625,7 @@ def main():
     res["drop_caches"] = drop_caches()
     log("setup", json.dumps(res)[:2000])
     chunks = expert_chunks(geo, args.model if have_pack else None, args.gguf)
-    res["h2d_GB_s"] = h2d_gbs()
+    res["h2d_GB_s"] = h2d_gbs() if args.device == "cuda" else 1e3  # dry run: PCIe never the floor
     res["disk_before"] = read_gbs(chunks)
     log("floors", res["h2d_GB_s"], res["disk_before"])
 
@@ -626,7 +634,7 @@ def main():
 
     save()
     budget = {"vram": gpu_layers * E * slot, "host": "auto", "threads": args.threads, "prompt": args.prompt,
-              "model": str(args.model), "prefill_warmup": not args.cold_ttft}
+              "model": str(args.model), "prefill_warmup": not args.cold_ttft, "device": args.device}
     if "flashmoe" not in args.skip and "stream" not in args.skip:
         for k in args.k:
             log("flashmoe stream K", k)
