@@ -694,8 +694,8 @@ def _f(v, fmt_="{:.2f}"):
 
 def table(res: dict, args) -> str:
     L = res["layers"]
-    rows = ["| case | engine | K | decode tok/s | TTFT 512 s | VRAM hit | host hit | disk MB/tok | disk GB/s "
-            "| PCIe GB/s | floor tok/s | share of floor |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = [f"| case | engine | K | decode tok/s | TTFT {args.prompt} s | VRAM hit | host hit | disk MB/tok "
+            "| disk GB/s | PCIe GB/s | floor tok/s | share of floor |", "|---" * 12 + "|"]
     for k in args.k:
         fl = res["floors"]
         r = (res.get(f"flashmoe_stream_K{k}", {}).get("runs") or [None])[0]

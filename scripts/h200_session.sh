@@ -5,6 +5,7 @@
 #   here:   bash scripts/h200_session.sh prep     # wheels -> .whl/, trimmed llama.cpp source -> .llama/
 #   device: bash scripts/h200_session.sh start    # (carry .whl .llama) starts the pipeline, waits ~9 min
 #   device: bash scripts/h200_session.sh wait     # again within the machine's 30 s warm period, until "pipeline done"
+#   here:   DRY=1 D=/tmp/dry bash scripts/h200_session.sh pipeline   # the same steps on the CPU, tiny models
 #
 # The pipeline (about 20-25 minutes, mostly disk-bound):
 #   1. llama-bench built for sm_90 (detached), the C extension, gpu_check.py (GPU correctness and tests)
@@ -21,7 +22,12 @@ cd "$(dirname "$0")/.."
 STAGE=${1:?prep|start|wait|pipeline}
 OUT=${OUT:-$PWD/out}
 D=${D:-/data}
-STREAM_LAYERS=${STREAM_LAYERS:-12}
+DRY=${DRY:-0}  # DRY=1: the whole pipeline on this machine's CPU with tiny models (no GPU, no llama.cpp)
+if [ "$DRY" = 1 ]; then
+    GEO=tiny GEO35=tiny STREAM_LAYERS=3 KS="2 1" K35=2 DEV=cpu SMALL="--tokens 4 --resident-tokens 4 --prompt 16"
+else
+    GEO=qwen35-397b GEO35=qwen35-35b STREAM_LAYERS=${STREAM_LAYERS:-12} KS="10 4" K35=8 DEV=cuda SMALL=""
+fi
 DONE=/tmp/fmp-pipeline.done
 mkdir -p "$OUT"
 
@@ -32,7 +38,7 @@ wait_for() {  # FILE SECONDS: wait until FILE exists or SECONDS passed
 }
 
 device_env() {
-    if [ -d .whl ] && [ ! -d /tmp/site ]; then
+    if [ "$DRY" != 1 ] && [ -d .whl ] && [ ! -d /tmp/site ]; then
         python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
     fi
     export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
@@ -55,7 +61,8 @@ pipeline() {
     step "start: $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader), $(nproc) cores, $(df -h "$D" | tail -1)"
     rm -rf /tmp/ll /tmp/gen1.done && mkdir -p /tmp/ll
     local REPO=$PWD
-    (cd /tmp/ll && tar xJf "$REPO/.llama/llama-src.tar.xz" && cd llama.cpp &&
+    [ "$DRY" = 1 ] && echo 1 >/tmp/ll/done  # no llama.cpp build in a dry run
+    [ "$DRY" = 1 ] || (cd /tmp/ll && tar xJf "$REPO/.llama/llama-src.tar.xz" && cd llama.cpp &&
         cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
             -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF \
             -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF >/tmp/ll/cmake.log 2>&1 &&
@@ -63,13 +70,14 @@ pipeline() {
         echo $? >/tmp/ll/done) &
     python3 setup.py build_ext --inplace -q >/tmp/ext.log 2>&1 || step "C extension failed: $(tail -3 /tmp/ext.log)"
     local G=$D/m$STREAM_LAYERS
-    (nice -n 5 python3 scripts/make_synthetic.py --gguf "$G.gguf" --layers "$STREAM_LAYERS" --jobs 6 \
+    (nice -n 5 python3 scripts/make_synthetic.py --gguf "$G.gguf" --geometry $GEO --layers "$STREAM_LAYERS" --jobs 6 \
         >"$D/results/gen1.log" 2>&1; echo $? >/tmp/gen1.done) &
     step "gpu_check"
-    python3 scripts/gpu_check.py --out "$D/results" --skip-kernels --skip-ncu --budget-s 420 >"$D/results/gpu_check.log" 2>&1
-    step "gpu_check rc $? ($(grep -o "pytest rc [^ ]*" "$D/results/gpu_check.log"))"
+    [ "$DRY" = 1 ] || python3 scripts/gpu_check.py --out "$D/results" --skip-kernels --skip-ncu --budget-s 420 \
+        >"$D/results/gpu_check.log" 2>&1
+    step "gpu_check rc $? ($(grep -o "pytest rc [^ ]*" "$D/results/gpu_check.log" 2>/dev/null))"
     # a model-level failure on the GPU (new kernels run there for the first time): benchmark the torch path
-    if ! python3 -c "import json, sys; r = json.load(open('$D/results/gpu_check.json'))
+    if [ "$DRY" != 1 ] && ! python3 -c "import json, sys; r = json.load(open('$D/results/gpu_check.json'))
 sys.exit(any('error' in str(r.get(k, {}))[:20] or not r.get(k) for k in ('conformance', 'graph')))"; then
         export FLASHMOE_CUDA_LAYER_KERNELS=0 FLASHMOE_CUDA_FUSE=0
         step "gpu_check's conformance or graph section failed: FLASHMOE_CUDA_LAYER_KERNELS=0 FLASHMOE_CUDA_FUSE=0 from here on"
@@ -77,19 +85,22 @@ sys.exit(any('error' in str(r.get(k, {}))[:20] or not r.get(k) for k in ('confor
     wait_for /tmp/gen1.done 900; step "GGUF written: rc $(cat /tmp/gen1.done)"
     wait_for /tmp/ll/done 900; step "llama-bench build rc $(cat /tmp/ll/done)"
     local LB=/tmp/ll/llama.cpp/build/bin/llama-bench
-    [ -x "$LB" ] || step "no llama-bench: $(tail -5 /tmp/ll/build.log /tmp/ll/cmake.log 2>&1)"
+    [ -x "$LB" ] || step "no llama-bench: $(tail -n 5 /tmp/ll/build.log /tmp/ll/cmake.log 2>&1)"
     # the same 12 layers fully resident too (48 GB of experts fit the H200's VRAM): no third generation
-    local B=(python3 scripts/bench_cuda.py "$G" "$G.gguf" --llama-bench "$LB" --out "$D/results/stream" --merge)
+    local B=(python3 scripts/bench_cuda.py "$G" "$G.gguf" --llama-bench "$LB" --out "$D/results/stream" --merge
+             --device $DEV --k $KS $SMALL)
     "${B[@]}" >"$D/results/stream.log" 2>&1; step "llama.cpp streaming + resident rc $?"
     rm -f "$G.gguf"
-    nice -n 5 python3 scripts/make_synthetic.py "$G" --layers "$STREAM_LAYERS" --jobs 6 >>"$D/results/gen1.log" 2>&1
+    nice -n 5 python3 scripts/make_synthetic.py "$G" --geometry $GEO --layers "$STREAM_LAYERS" --jobs 6 \
+        >>"$D/results/gen1.log" 2>&1
     step "pack written: rc $?"
     "${B[@]}" >>"$D/results/stream.log" 2>&1; step "flashmoe streaming + resident rc $?"
     rm -rf "$G"
     local Q=$D/q35
-    nice -n 5 python3 scripts/make_synthetic.py "$Q" --geometry qwen35-35b --gguf "$Q.gguf" --jobs 8 >"$D/results/gen35.log" 2>&1
+    nice -n 5 python3 scripts/make_synthetic.py "$Q" --geometry $GEO35 --gguf "$Q.gguf" --jobs 8 >"$D/results/gen35.log" 2>&1
     step "35B pair written: rc $?"
-    python3 scripts/bench_cuda.py "$Q" "$Q.gguf" --llama-bench "$LB" --out "$D/results/q35" --skip stream --k 8 \
+    python3 scripts/bench_cuda.py "$Q" "$Q.gguf" --llama-bench "$LB" --out "$D/results/q35" --skip stream --k $K35 \
+        --device $DEV $SMALL \
         >"$D/results/q35.log" 2>&1
     step "35B resident rc $?"
     rm -rf "$Q" "$Q.gguf"
@@ -97,15 +108,17 @@ sys.exit(any('error' in str(r.get(k, {}))[:20] or not r.get(k) for k in ('confor
     # accelerate offload on 2 layers (bf16 experts are 3.2x the 4-bit bytes: 2 layers = 30 GB), beside
     # flashmoe-pack streaming the same 2 layers under the same host limit (24 GB x 2-layer GGUF / 54.9 GB)
     local T=$D/m2
-    nice -n 5 python3 scripts/make_synthetic.py "$T" --layers 2 --jobs 2 >"$D/results/gen3.log" 2>&1
+    nice -n 5 python3 scripts/make_synthetic.py "$T" --geometry $GEO --layers 2 --jobs 2 >"$D/results/gen3.log" 2>&1
     python3 scripts/bench_cuda.py "$T" "$T.gguf" --out "$D/results/two" --skip resident --gpu-layers 1 --overlap-ab \
-        --mem-limit 5.18e9 >"$D/results/two.log" 2>&1
+        --mem-limit 5.18e9 --device $DEV --k $KS $SMALL >"$D/results/two.log" 2>&1
     step "flashmoe 2 layers rc $?"
     python3 scripts/bench_transformers.py export "$T" "$D/hf2" --layers 2 --jobs 16 >"$D/results/export.log" 2>&1
     step "transformers export rc $?"
     mkdir -p "$D/results/transformers"
-    python3 scripts/bench_transformers.py run "$D/hf2" --k 10 4 --vram-experts 12e9 --mem-limit 5.18e9 --drop-caches \
-        --time-cap 90 --timeout 400 --json "$D/results/transformers/transformers.json" >"$D/results/transformers.log" 2>&1
+    local TA=(--vram-experts 12e9 --mem-limit 5.18e9 --drop-caches --time-cap 90 --timeout 400)
+    [ "$DRY" = 1 ] && TA=(--device cpu --prompt 16 --tokens 2)
+    python3 scripts/bench_transformers.py run "$D/hf2" --k $KS "${TA[@]}" \
+        --json "$D/results/transformers/transformers.json" >"$D/results/transformers.log" 2>&1
     step "transformers rc $?"
     touch $DONE
 }
