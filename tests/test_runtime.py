@@ -164,3 +164,16 @@ def test_last_only_logits_equal_last_row(packed16):
     last = m.model.forward(ids, m.model.new_state(), last_only=True)
     assert last.shape == (1, full.shape[1])
     assert torch.allclose(last[0], full[-1], rtol=1e-5, atol=1e-5)  # a 1-row matmul may sum in another order
+
+
+def test_resident_weights_that_do_not_fit_name_the_way_out(packed16, monkeypatch):
+    """Out of device memory while loading the resident weights: an error that says what did not fit and
+    what to change, not an allocator trace."""
+    from flashmoe_pack.engine import runtime
+
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(runtime, "load_resident", oom)
+    with pytest.raises(MemoryError, match=r"resident \(non-expert\) weights do not fit.*--resident q8"):
+        flashmoe_pack.load(packed16)

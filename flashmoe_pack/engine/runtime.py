@@ -99,7 +99,14 @@ class Model:
         self.kernel = get_kernel(self.device)
         if self.device.type != "cuda":
             self.experts = StreamedExperts(self.store, self.kernel)
-        weights = load_resident(index, self.device, dtype, verify=verify_reads, resident=resident)
+        try:
+            weights = load_resident(index, self.device, dtype, verify=verify_reads, resident=resident)
+        except torch.OutOfMemoryError:
+            self.store.close()
+            raise MemoryError(
+                f"{self.path}: the resident (non-expert) weights do not fit in {self.device}'s memory with "
+                f"resident={resident!r}; try --resident q8 (about half of bf16) or q4-head, a smaller "
+                "--gpu-expert-cache, or --device cpu") from None
         if isinstance(self.store, ExpertStore):  # an "auto" cache budget counts the weights as loaded
             self.store.set_resident_bytes(resident_nbytes(weights))
         # CUDA: fused projections (one product instead of two to four; the parts leave `weights`);
