@@ -8,8 +8,9 @@
 #   here:   DRY=1 D=/tmp/dry bash scripts/h200_session.sh pipeline   # the same steps on the CPU, tiny models
 #
 # The pipeline (about 20-25 minutes, mostly disk-bound):
-#   1. llama-bench built for sm_90 (detached), the C extension, gpu_check.py (GPU correctness and tests)
-#      while the GGUF of STREAM_LAYERS layers of Qwen3.5-397B geometry is written alone;
+#   1. llama-bench built for sm_90 (detached), the C extension, gpu_check.py (GPU correctness, the decode
+#      kernels' launch configs and variants, the GPU tests) while the GGUF of STREAM_LAYERS layers of
+#      Qwen3.5-397B geometry is written alone;
 #   2. bench_cuda.py, streaming and fully resident, llama.cpp on the GGUF; the GGUF deleted, the pack of the
 #      same weights written; bench_cuda.py --merge, flashmoe-pack (with a profile of the resident step):
 #      one format at a time, since both formats of 12 layers (47 + 56 GB) do not fit the 64 GB disk together;
@@ -73,7 +74,7 @@ pipeline() {
     (nice -n 5 python3 scripts/make_synthetic.py --gguf "$G.gguf" --geometry $GEO --layers "$STREAM_LAYERS" --jobs 6 \
         >"$D/results/gen1.log" 2>&1; echo $? >/tmp/gen1.done) &
     step "gpu_check"
-    [ "$DRY" = 1 ] || python3 scripts/gpu_check.py --out "$D/results" --skip-kernels --skip-ncu --budget-s 420 \
+    [ "$DRY" = 1 ] || python3 scripts/gpu_check.py --out "$D/results" --skip-ncu --budget-s 480 \
         >"$D/results/gpu_check.log" 2>&1
     step "gpu_check rc $? ($(grep -o "pytest rc [^ ]*" "$D/results/gpu_check.log" 2>/dev/null))"
     # a model-level failure on the GPU (new kernels run there for the first time): benchmark the torch path

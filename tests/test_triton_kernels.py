@@ -111,7 +111,8 @@ SHAPES = [
 def test_decode_kernels_match_twin(bits, sdt, hidden, inter, group, xdt):
     exps = make_experts(6, hidden, inter, bits, group, sdt, seed=bits + hidden)
     table = tk.table_from_experts(exps, hidden, inter)
-    for t, k, cfg in ((1, 4, None), (3, 2, (64, 64, 2))):  # 64-row blocks: partial row blocks too
+    # 64-row blocks: partial row blocks too; variant 2 (_qmv2) with the default and the 64-row blocks
+    for t, k, cfg in ((1, 4, None), (3, 2, (64, 64, 2)), (1, 4, (8, 64, 4, 2)), (3, 2, (64, 64, 2, 2))):
         x = torch.randn(t, hidden, device=DEV).to(xdt)
         ids, w = routing(t, k, 6, seed=t)
         ref = tk.decode_twin(x.float(), exps, ids.to(DEV), w.to(DEV))  # float32; rounding compared below
@@ -158,9 +159,10 @@ def test_qmatvec_equals_dequantize_then_matmul(bits, group, sdt, rows, cols, t):
     for xdt in (torch.float32, torch.bfloat16):
         x = torch.randn(t, cols, generator=g).to(xdt).to(DEV)
         want = x.double().cpu() @ dequantize(qt).double().cpu().T
-        y = tk.qmatvec(x, qt, torch.float32)
-        assert y.dtype == torch.float32 and y.shape == (t, rows)
-        assert rel(y, want) < 2e-5
+        for cfg in (None, (8, 64, 4, 2)):  # variant 2 too
+            y = tk.qmatvec(x, qt, torch.float32, cfg)
+            assert y.dtype == torch.float32 and y.shape == (t, rows)
+            assert rel(y, want) < 2e-5
 
 
 def test_linear_on_cuda_takes_the_kernel_for_decode_and_row_chunks_for_prefill(monkeypatch):

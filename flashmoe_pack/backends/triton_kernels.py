@@ -41,8 +41,8 @@ BITS = (2, 4, 8)
 OFFS = ("gate.weight", "up.weight", "down.weight", "gate.scales", "gate.biases", "up.scales", "up.biases",
         "down.scales", "down.biases")
 DECODE_MAX_T = 4  # up to this many tokens per layer use the GEMV kernels
-# Launch configs, keyed by bits: (rows per program, columns per step, warps); scripts/gpu_check.py
-# times alternatives on the GPU (the table in its report). GEMM: BM assignments x BN rows tiles.
+# Launch configs, keyed by bits: (rows per program, columns per step, warps[, variant: 1 _qmv, 2 _qmv2]);
+# scripts/gpu_check.py times alternatives on the GPU (the table in its report). GEMM: BM assignments x BN rows tiles.
 DECODE_CFG = {2: (8, 1024, 4), 4: (8, 1024, 4), 8: (4, 512, 2)}
 GEMM_CFG = {"BM": 64, "BN": 64, "BK": 64, "warps": 4, "stages": 3}
 
@@ -166,8 +166,43 @@ if HAVE_TRITON:
         return acc
 
     @triton.jit
+    def _qmv2(w_ptr, s_ptr, w_off, s_off, b_off, rows, rmask, xrow_ptr, n_in,
+              BN: tl.constexpr, BK: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr):
+        """_qmv's function (same per-word FMA form) with 2-D tiles only: the P values of a word are taken
+        one shift at a time against x's every P-th column, instead of a [BN, BKW, P] tile reduced over P."""
+        P: tl.constexpr = 32 // BITS
+        BKW: tl.constexpr = BK // P
+        n_words = n_in // P
+        acc = tl.zeros([BN], dtype=tl.float32)
+        for k0 in range(0, n_in, BK):
+            cw = k0 // P + tl.arange(0, BKW)
+            cm = cw < n_words
+            wm = rmask[:, None] & cm[None, :]
+            words = tl.load(w_ptr + w_off + rows[:, None] * n_words + cw[None, :], mask=wm, other=0)
+            s1 = tl.zeros([BN, BKW], dtype=tl.float32)
+            xs = tl.zeros([BKW], dtype=tl.float32)
+            for j in tl.static_range(P):
+                xj = tl.load(xrow_ptr + cw * P + j, mask=cm, other=0.0).to(tl.float32)
+                s1 += ((words >> (j * BITS)) & ((1 << BITS) - 1)).to(tl.float32) * xj[None, :]
+                xs += xj
+            gi = rows[:, None] * (n_in // G) + (cw // (G // P))[None, :]
+            sc = tl.load(s_ptr + s_off + gi, mask=wm, other=0.0).to(tl.float32)
+            bi = tl.load(s_ptr + b_off + gi, mask=wm, other=0.0).to(tl.float32)
+            acc += tl.sum(sc * s1 + bi * xs[None, :], axis=1)
+        return acc
+
+    @triton.jit
+    def _qmv_any(w_ptr, s_ptr, w_off, s_off, b_off, rows, rmask, xrow_ptr, n_in,
+                 BN: tl.constexpr, BK: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, V: tl.constexpr):
+        if V == 2:
+            y = _qmv2(w_ptr, s_ptr, w_off, s_off, b_off, rows, rmask, xrow_ptr, n_in, BN, BK, BITS, G)
+        else:
+            y = _qmv(w_ptr, s_ptr, w_off, s_off, b_off, rows, rmask, xrow_ptr, n_in, BN, BK, BITS, G)
+        return y
+
+    @triton.jit
     def _decode_gate_up(x_ptr, h_ptr, w_ptr, s_ptr, offs_ptr, aexp_ptr, n_in, n_out, K,
-                        BN: tl.constexpr, BK: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr):
+                        BN: tl.constexpr, BK: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, V: tl.constexpr):
         """h[a] = silu(G_e x_t) * (U_e x_t) for assignment a = t*K + k of expert e, float32."""
         pid_n = tl.program_id(0)
         a = tl.program_id(1)
@@ -175,15 +210,15 @@ if HAVE_TRITON:
         rows = pid_n * BN + tl.arange(0, BN)
         rmask = rows < n_out
         xrow = x_ptr + (a // K) * n_in
-        g = _qmv(w_ptr, s_ptr, tl.load(o + 0), tl.load(o + 3), tl.load(o + 4), rows, rmask, xrow, n_in,
-                 BN, BK, BITS, G)
-        u = _qmv(w_ptr, s_ptr, tl.load(o + 1), tl.load(o + 5), tl.load(o + 6), rows, rmask, xrow, n_in,
-                 BN, BK, BITS, G)
+        g = _qmv_any(w_ptr, s_ptr, tl.load(o + 0), tl.load(o + 3), tl.load(o + 4), rows, rmask, xrow, n_in,
+                     BN, BK, BITS, G, V)
+        u = _qmv_any(w_ptr, s_ptr, tl.load(o + 1), tl.load(o + 5), tl.load(o + 6), rows, rmask, xrow, n_in,
+                     BN, BK, BITS, G, V)
         tl.store(h_ptr + a * n_out + rows, g / (1.0 + tl.exp(-g)) * u, mask=rmask)
 
     @triton.jit
     def _decode_down(h_ptr, out_ptr, w_ptr, s_ptr, offs_ptr, aexp_ptr, rw_ptr, n_in, n_out, K,
-                     BN: tl.constexpr, BK: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr):
+                     BN: tl.constexpr, BK: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, V: tl.constexpr):
         """out[t] = sum_k rw[t*K+k] * D_e h[t*K+k], summed in float32, stored in out's dtype."""
         pid_n = tl.program_id(0)
         t = tl.program_id(1)
@@ -193,8 +228,8 @@ if HAVE_TRITON:
         for k in range(0, K):
             a = t * K + k
             o = offs_ptr + tl.load(aexp_ptr + a).to(tl.int64) * 9
-            y = _qmv(w_ptr, s_ptr, tl.load(o + 2), tl.load(o + 7), tl.load(o + 8), rows, rmask,
-                     h_ptr + a * n_in, n_in, BN, BK, BITS, G)
+            y = _qmv_any(w_ptr, s_ptr, tl.load(o + 2), tl.load(o + 7), tl.load(o + 8), rows, rmask,
+                         h_ptr + a * n_in, n_in, BN, BK, BITS, G, V)
             total += tl.load(rw_ptr + a).to(tl.float32) * y
         tl.store(out_ptr + t * n_out + rows, total.to(out_ptr.dtype.element_ty), mask=rmask)
 
@@ -268,13 +303,13 @@ if HAVE_TRITON:
 
     @triton.jit
     def _qmatvec(x_ptr, y_ptr, w_ptr, s_ptr, s_off, b_off, n_in, n_out,
-                 BN: tl.constexpr, BK: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr):
+                 BN: tl.constexpr, BK: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, V: tl.constexpr):
         """y[t, rows] = W x[t] for one quantized matrix (a resident weight), float32 arithmetic."""
         pid_n = tl.program_id(0)
         t = tl.program_id(1)
         rows = pid_n * BN + tl.arange(0, BN)
         rmask = rows < n_out
-        y = _qmv(w_ptr, s_ptr, 0, s_off, b_off, rows, rmask, x_ptr + t * n_in, n_in, BN, BK, BITS, G)
+        y = _qmv_any(w_ptr, s_ptr, 0, s_off, b_off, rows, rmask, x_ptr + t * n_in, n_in, BN, BK, BITS, G, V)
         tl.store(y_ptr + t * n_out + rows, y.to(y_ptr.dtype.element_ty), mask=rmask)
 
 
@@ -291,24 +326,29 @@ def _check(x: torch.Tensor, table: ExpertTable) -> None:
     assert table.words.device == x.device == table.scales.device == table.offs.device
 
 
+def _cfg4(cfg: tuple) -> tuple[int, int, int, int]:
+    """(rows per program, columns per step, warps[, variant]): variant 1 is _qmv, 2 is _qmv2."""
+    return (*cfg, 1) if len(cfg) == 3 else tuple(cfg)
+
+
 def moe_decode(x: torch.Tensor, table: ExpertTable, aexp: torch.Tensor, rw: torch.Tensor, k: int,
-               cfg: tuple[int, int, int] | None = None) -> torch.Tensor:
+               cfg: tuple | None = None) -> torch.Tensor:
     """x [T, H]; aexp int32 [T*K]: row of `table.offs` of assignment t*K + k; rw [T*K] router
     weights -> [T, H] in x's dtype (decode kernels)."""
     _check(x, table)
     t = x.shape[0]
     assert aexp.dtype == torch.int32 and aexp.numel() == t * k and rw.numel() == t * k
-    bn, bk, warps = cfg or DECODE_CFG[table.bits]
+    bn, bk, warps, v = _cfg4(cfg or DECODE_CFG[table.bits])
     g = table.group_size
     bk_in, bk_mid = max(bk, g), max(min(bk, triton.next_power_of_2(table.inter)), g)
     h = torch.empty(t * k, table.inter, dtype=torch.float32, device=x.device)
     _decode_gate_up[(triton.cdiv(table.inter, bn), t * k)](
         x, h, table.words, table.scales, table.offs, aexp, table.hidden, table.inter, k,
-        BN=bn, BK=bk_in, BITS=table.bits, G=g, num_warps=warps)
+        BN=bn, BK=bk_in, BITS=table.bits, G=g, V=v, num_warps=warps)
     out = torch.empty_like(x)
     _decode_down[(triton.cdiv(table.hidden, bn), t)](
         h, out, table.words, table.scales, table.offs, aexp, rw.contiguous(), table.inter, table.hidden, k,
-        BN=bn, BK=bk_mid, BITS=table.bits, G=g, num_warps=warps)
+        BN=bn, BK=bk_mid, BITS=table.bits, G=g, V=v, num_warps=warps)
     return out
 
 
@@ -367,7 +407,7 @@ def moe_forward(x: torch.Tensor, table: ExpertTable, ids, rw: torch.Tensor) -> t
 
 
 def qmatvec(x: torch.Tensor, qt: QTensor, out_dtype: torch.dtype | None = None,
-            cfg: tuple[int, int, int] | None = None) -> torch.Tensor:
+            cfg: tuple | None = None) -> torch.Tensor:
     """x [T, in] (T <= DECODE_MAX_T, contiguous) @ qt^T -> [T, out] in out_dtype (default x's): one
     quantized matrix (a resident weight) in the decode kernels' arithmetic (qmv_twin's)."""
     assert HAVE_TRITON and supported(qt) and x.dim() == 2 and x.is_contiguous()
@@ -375,9 +415,9 @@ def qmatvec(x: torch.Tensor, qt: QTensor, out_dtype: torch.dtype | None = None,
     assert x.shape[1] == cols and cols % qt.group_size == 0 and qt.weight.is_contiguous()
     assert qt.scales.dtype == qt.biases.dtype and qt.scales.is_contiguous() and qt.biases.is_contiguous()
     base, (s_off, b_off) = _base_offsets([qt.scales, qt.biases])
-    bn, bk, warps = cfg or DECODE_CFG[qt.bits]
+    bn, bk, warps, v = _cfg4(cfg or DECODE_CFG[qt.bits])
     y = torch.empty(x.shape[0], rows, dtype=out_dtype or x.dtype, device=x.device)
     _qmatvec[(triton.cdiv(rows, bn), x.shape[0])](x, y, qt.weight, base, s_off, b_off, cols, rows, BN=bn,
-                                                 BK=max(bk, qt.group_size), BITS=qt.bits, G=qt.group_size,
+                                                 BK=max(bk, qt.group_size), BITS=qt.bits, G=qt.group_size, V=v,
                                                  num_warps=warps)
     return y
