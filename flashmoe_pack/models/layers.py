@@ -88,7 +88,7 @@ def linear(x: Tensor, w: Tensor | QTensor, bias: Tensor | None = None, out_dtype
         step = max(1, (_CHUNK_ELEMENTS * (8 if x.device.type == "cuda" else 1)) // cols)
         for r in range(0, rows, step):
             part = QTensor(w.weight[r: r + step], w.scales[r: r + step], w.biases[r: r + step], w.bits, w.group_size)
-            torch.matmul(x2, dequantize(part, x.dtype).T, out=y[:, r: r + step])
+            y[:, r: r + step] = x2 @ dequantize(part, x.dtype).T
     elif x2.shape[0] < DEQUANT_FROM_T:
         threads = 1 if rows * cols * x2.shape[0] < _ONE_THREAD_BELOW else None
         y = cpu.matmul(x2.to(torch.float32).contiguous(), w, threads)  # [T, out] float32
