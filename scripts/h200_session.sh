@@ -24,6 +24,8 @@ STAGE=${1:?prep|start|wait|pipeline}
 OUT=${OUT:-$PWD/out}
 D=${D:-/data}
 DRY=${DRY:-0}  # DRY=1: the whole pipeline on this machine's CPU with tiny models (no GPU, no llama.cpp)
+SKIP=${SKIP:-}  # steps to leave out, for a short device budget: any of gpu_check q35 two (e.g. SKIP="q35 two")
+skip() { [[ " $SKIP " == *" $1 "* ]]; }
 if [ "$DRY" = 1 ]; then
     GEO=tiny GEO35=tiny STREAM_LAYERS=3 KS="2 1" K35=2 DEV=cpu SMALL="--tokens 4 --resident-tokens 4 --prompt 16"
 else
@@ -74,11 +76,11 @@ pipeline() {
     (nice -n 5 python3 scripts/make_synthetic.py --gguf "$G.gguf" --geometry $GEO --layers "$STREAM_LAYERS" --jobs 6 \
         >"$D/results/gen1.log" 2>&1; echo $? >/tmp/gen1.done) &
     step "gpu_check"
-    [ "$DRY" = 1 ] || python3 scripts/gpu_check.py --out "$D/results" --skip-ncu --budget-s 480 \
+    [ "$DRY" = 1 ] || skip gpu_check || python3 scripts/gpu_check.py --out "$D/results" --skip-ncu --budget-s 480 \
         >"$D/results/gpu_check.log" 2>&1
     step "gpu_check rc $? ($(grep -o "pytest rc [^ ]*" "$D/results/gpu_check.log" 2>/dev/null))"
     # a model-level failure on the GPU (new kernels run there for the first time): benchmark the torch path
-    if [ "$DRY" != 1 ] && ! python3 -c "import json, sys; r = json.load(open('$D/results/gpu_check.json'))
+    if [ "$DRY" != 1 ] && ! skip gpu_check && ! python3 -c "import json, sys; r = json.load(open('$D/results/gpu_check.json'))
 sys.exit(any('error' in str(r.get(k, {}))[:20] or not r.get(k) for k in ('conformance', 'graph')))"; then
         export FLASHMOE_CUDA_LAYER_KERNELS=0 FLASHMOE_CUDA_FUSE=0
         step "gpu_check's conformance or graph section failed: FLASHMOE_CUDA_LAYER_KERNELS=0 FLASHMOE_CUDA_FUSE=0 from here on"
@@ -97,6 +99,7 @@ sys.exit(any('error' in str(r.get(k, {}))[:20] or not r.get(k) for k in ('confor
     step "pack written: rc $?"
     "${B[@]}" >>"$D/results/stream.log" 2>&1; step "flashmoe streaming + resident rc $?"
     rm -rf "$G"
+    if ! skip q35; then
     local Q=$D/q35
     nice -n 5 python3 scripts/make_synthetic.py "$Q" --geometry $GEO35 --gguf "$Q.gguf" --jobs 8 >"$D/results/gen35.log" 2>&1
     step "35B pair written: rc $?"
@@ -105,9 +108,11 @@ sys.exit(any('error' in str(r.get(k, {}))[:20] or not r.get(k) for k in ('confor
         >"$D/results/q35.log" 2>&1
     step "35B resident rc $?"
     rm -rf "$Q" "$Q.gguf"
+    fi
     # the naive baseline last (it may not finish inside the session's device time): transformers +
     # accelerate offload on 2 layers (bf16 experts are 3.2x the 4-bit bytes: 2 layers = 30 GB), beside
     # flashmoe-pack streaming the same 2 layers under the same host limit (24 GB x 2-layer GGUF / 54.9 GB)
+    if ! skip two; then
     local T=$D/m2
     nice -n 5 python3 scripts/make_synthetic.py "$T" --geometry $GEO --layers 2 --jobs 2 >"$D/results/gen3.log" 2>&1
     python3 scripts/bench_cuda.py "$T" "$T.gguf" --out "$D/results/two" --skip resident --gpu-layers 1 --overlap-ab \
@@ -121,6 +126,7 @@ sys.exit(any('error' in str(r.get(k, {}))[:20] or not r.get(k) for k in ('confor
     python3 scripts/bench_transformers.py run "$D/hf2" --k $KS "${TA[@]}" \
         --json "$D/results/transformers/transformers.json" >"$D/results/transformers.log" 2>&1
     step "transformers rc $?"
+    fi
     touch $DONE
 }
 
