@@ -320,6 +320,11 @@ def route(router_logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
 # ------------------------------------------------------------------- gated delta rule: gates and step
 
 
+def _one_token_pow2(q: Tensor) -> bool:
+    """What triton_layers.delta_step takes: one token, a power-of-two key head dim."""
+    return q.shape[0] == 1 and q.shape[-1] == 1 << (q.shape[-1] - 1).bit_length()
+
+
 def delta_gates(a: Tensor, b: Tensor, a_log: Tensor, dt_bias: Tensor) -> tuple[Tensor, Tensor]:
     """Gated DeltaNet's per-head gates from a, b [T, hv]: (log decay g <= 0 in fp32, because
     exp(A_log) can overflow half precision; write strength beta = sigmoid(b))."""
@@ -330,7 +335,7 @@ def gated_delta_step_(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, a_l
                       state: Tensor) -> Tensor:
     """delta_gates, then gated_delta_rule_ (state updated in place); on CUDA, one token is one launch."""
     fused = _fused(v)
-    if fused is not None and q.shape[0] == 1 and q.shape[-1] == 1 << (q.shape[-1] - 1).bit_length():
+    if fused is not None and _one_token_pow2(q):
         return fused.delta_step(q, k, v, None, None, state, gates=(a, b, a_log, dt_bias))
     g, beta = delta_gates(a, b, a_log, dt_bias)
     return gated_delta_rule_(q, k, v, g, beta, state)
@@ -339,7 +344,7 @@ def gated_delta_step_(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, a_l
 def gated_delta_rule_(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, state: Tensor) -> Tensor:
     """gated_delta_rule with `state` updated in place; returns out fp32 [T, Hv, Dv]."""
     fused = _fused(v)
-    if fused is not None and q.shape[0] == 1 and q.shape[-1] == 1 << (q.shape[-1] - 1).bit_length():
+    if fused is not None and _one_token_pow2(q):
         return fused.delta_step(q, k, v, g, beta, state)
     out, new_state = gated_delta_rule(q, k, v, g, beta, state)
     state.copy_(new_state)
