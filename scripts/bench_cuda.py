@@ -24,10 +24,12 @@ Every engine run is a fresh process in that cgroup, after the page cache was dro
   cgroup leaves), io="direct")`; a warm-up (Triton compiles) on a separate state, then fresh caches; a
   warm-up prompt of the same length (as llama-bench's warm-up run, which fills its page cache; --cold-ttft
   skips it), then a random 512-token prompt (TTFT: prefill + first token), then `--tokens` greedy decode
-  steps. Counters per tier from the cache itself; disk bytes from O_DIRECT reads, PCIe bytes from the
-  copies it issued.
-- llama.cpp: `llama-bench -ngl 99 -ncmoe N -p 512 -n T -r 1 -t 16 -o json` (defaults otherwise: mmap, and
-  a warm-up run of each test before the timed one);
+  steps. Streaming times the prompt at the first K only (both engines; --ttft-every-k at each): a cold
+  prefill reads the whole model at any K, and llama.cpp's takes minutes; later Ks decode after 16 tokens.
+  Counters per tier from the cache itself; disk bytes from O_DIRECT reads, PCIe bytes from the copies it
+  issued.
+- llama.cpp: `llama-bench -ngl 99 -ncmoe N -p 512 -n T -r 1 -t 16 -o json` (-p 0 at later streaming Ks;
+  defaults otherwise: mmap, and a warm-up run of each test before the timed one);
   K is changed by rewriting `qwen35moe.expert_used_count` in the GGUF in place (restored after).
   Its disk bytes are /proc/diskstats deltas over the decode window (llama-bench runs the prompt test
   first, the decode test last); PCIe from `nvidia-smi dmon -s t` over the same window.
@@ -62,6 +64,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 ISSUE_LAYERS, ISSUE_GPU_LAYERS, ISSUE_GGUF_BYTES, ISSUE_HOST = 14, 3, 54.9e9, 24e9
+SHORT_PROMPT = 16  # streaming runs after the first K: decode only, after this prompt
 CG = Path("/sys/fs/cgroup/fmp-bench")
 T0 = time.perf_counter()
 
@@ -402,7 +405,7 @@ def engine_run(spec: dict) -> dict:
         vh, vm = d("vram", "hits"), d("vram", "misses")
         hh, hm = d("host", "hits"), d("host", "misses")
         r.update({
-            "ttft_s": st.ttft_s, "decode_tok_s": st.decode_tok_s, "decode_tokens": n,
+            "prompt": spec["prompt"], "ttft_s": st.ttft_s, "decode_tok_s": st.decode_tok_s, "decode_tokens": n,
             "vram_slots": b["vram"]["slots"], "host_budget_bytes": b["host"]["budget_bytes"],
             "host_note": m.store.host_note,
             "vram_hit": vh / (vh + vm) if vh + vm else 0.0,
@@ -572,6 +575,8 @@ def main():
     ap.add_argument("--threads", type=int, default=16, help="flashmoe reader threads")
     ap.add_argument("--cpu-threads", type=int, default=16, help="llama.cpp threads")
     ap.add_argument("--skip", nargs="*", default=[], help="flashmoe llama resident stream")
+    ap.add_argument("--ttft-every-k", action="store_true",
+                    help="streaming: time the prompt at every K (default: at the first K only)")
     ap.add_argument("--cold-ttft", action="store_true",
                     help="flashmoe: time the prompt from empty tiers (default: after a warm-up prompt of the same "
                     "length, as llama-bench times its prompt after a warm-up run)")
@@ -635,25 +640,31 @@ def main():
     save()
     budget = {"vram": gpu_layers * E * slot, "host": "auto", "threads": args.threads, "prompt": args.prompt,
               "model": str(args.model), "prefill_warmup": not args.cold_ttft, "device": args.device}
+    def stream_prompt(i: int) -> dict:
+        """Streaming TTFT at the first K only (--ttft-every-k: at each): a cold 512-token prefill reads the
+        whole model, at any K, and takes minutes of llama.cpp's time; later Ks decode after a short prompt."""
+        if i == 0 or args.ttft_every_k:
+            return {}
+        return {"prompt": SHORT_PROMPT, "prefill_warmup": False}
+
     if "flashmoe" not in args.skip and "stream" not in args.skip:
-        for k in args.k:
+        for i, k in enumerate(args.k):
             log("flashmoe stream K", k)
-            res[f"flashmoe_stream_K{k}"] = run_flashmoe(args, {**budget, "ks": [k], "tokens": args.tokens},
-                                                        limited, 600)
+            spec = {**budget, "ks": [k], "tokens": args.tokens, **stream_prompt(i)}
+            res[f"flashmoe_stream_K{k}"] = run_flashmoe(args, spec, limited, 600)
             log(json.dumps(res[f"flashmoe_stream_K{k}"])[:600])
             save()
             if args.overlap_ab:
                 log("flashmoe stream, serial, K", k)
                 res[f"flashmoe_serial_K{k}"] = run_flashmoe(
-                    args, {**budget, "ks": [k], "tokens": args.tokens, "env": {"FLASHMOE_CUDA_SERIAL": "1"}},
-                    limited, 600)
+                    args, {**spec, "env": {"FLASHMOE_CUDA_SERIAL": "1"}}, limited, 600)
                 save()
     if "llama" not in args.skip and "stream" not in args.skip:
-        for k in args.k:
+        for i, k in enumerate(args.k):
             log("llama.cpp stream K", k)
             # 14 layers in the issue's run: 4.4 tok/s prefill, twice (warm-up + timed), 0.36 tok/s decode
-            res[f"llama_stream_K{k}"] = run_llama(args, k, L - gpu_layers, args.prompt, args.tokens, 1, limited,
-                                                  900)
+            prompt = 0 if stream_prompt(i) else args.prompt  # llama-bench: -p 0 runs no prompt test
+            res[f"llama_stream_K{k}"] = run_llama(args, k, L - gpu_layers, prompt, args.tokens, 1, limited, 900)
             log(json.dumps(res[f"llama_stream_K{k}"])[:600])
             save()
     if "resident" not in args.skip:
@@ -689,6 +700,11 @@ def main():
     print(res["table"])
 
 
+def ttft(r: dict, args):
+    """A run's TTFT where it prefilled the full --prompt (later streaming Ks prefill a short one)."""
+    return r["ttft_s"] if r.get("prompt", args.prompt) == args.prompt else None
+
+
 def _f(v, fmt_="{:.2f}"):
     return "-" if v is None else fmt_.format(v)
 
@@ -702,7 +718,7 @@ def table(res: dict, args) -> str:
         r = (res.get(f"flashmoe_stream_K{k}", {}).get("runs") or [None])[0]
         if r:
             f = fl["flashmoe"][k]["tok_s"]
-            rows.append(f"| streaming | flashmoe | {k} | {_f(r['decode_tok_s'])} | {_f(r['ttft_s'], '{:.1f}')} | "
+            rows.append(f"| streaming | flashmoe | {k} | {_f(r['decode_tok_s'])} | {_f(ttft(r, args), '{:.1f}')} | "
                         f"{r['vram_hit'] * 100:.0f}% | {r['host_hit'] * 100:.0f}% "
                         f"({r.get('combined_hit', 0) * 100:.0f}% with VRAM) | "
                         f"{r['disk_bytes_per_tok'] / 1e6:.0f} | {_f(r['disk_GB_s'])} | {_f(r['pcie_GB_s'])} | "
@@ -712,7 +728,7 @@ def table(res: dict, args) -> str:
         r0 = (res.get(f"flashmoe_serial_K{k}", {}).get("runs") or [None])[0]
         if r and r0:
             rows.append(f"| streaming, no overlap | flashmoe | {k} | {_f(r0['decode_tok_s'])} | "
-                        f"{_f(r0['ttft_s'], '{:.1f}')} | {r0['vram_hit'] * 100:.0f}% | {r0['host_hit'] * 100:.0f}% | "
+                        f"{_f(ttft(r0, args), '{:.1f}')} | {r0['vram_hit'] * 100:.0f}% | {r0['host_hit'] * 100:.0f}% | "
                         f"{r0['disk_bytes_per_tok'] / 1e6:.0f} | {_f(r0['disk_GB_s'])} | {_f(r0['pcie_GB_s'])} | "
                         f"- | overlap buys {r['decode_tok_s'] / r0['decode_tok_s']:.2f}x decode, "
                         f"{r0['ttft_s'] / r['ttft_s']:.2f}x TTFT |")

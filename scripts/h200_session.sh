@@ -76,7 +76,7 @@ pipeline() {
     (nice -n 5 python3 scripts/make_synthetic.py --gguf "$G.gguf" --geometry $GEO --layers "$STREAM_LAYERS" --jobs 6 \
         >"$D/results/gen1.log" 2>&1; echo $? >/tmp/gen1.done) &
     step "gpu_check"
-    [ "$DRY" = 1 ] || skip gpu_check || python3 scripts/gpu_check.py --out "$D/results" --skip-ncu --budget-s 480 \
+    [ "$DRY" = 1 ] || skip gpu_check || python3 scripts/gpu_check.py --out "$D/results" --skip-ncu --budget-s "${GPU_CHECK_S:-300}" \
         >"$D/results/gpu_check.log" 2>&1
     step "gpu_check rc $? ($(grep -o "pytest rc [^ ]*" "$D/results/gpu_check.log" 2>/dev/null))"
     # a model-level failure on the GPU (new kernels run there for the first time): benchmark the torch path
