@@ -24,12 +24,11 @@ Every engine run is a fresh process in that cgroup, after the page cache was dro
   cgroup leaves), io="direct")`; a warm-up (Triton compiles) on a separate state, then fresh caches; a
   warm-up prompt of the same length (as llama-bench's warm-up run, which fills its page cache; --cold-ttft
   skips it), then a random 512-token prompt (TTFT: prefill + first token), then `--tokens` greedy decode
-  steps. Streaming times the prompt at the first K only (both engines; --ttft-every-k at each): a cold
-  prefill reads the whole model at any K, and llama.cpp's takes minutes; later Ks decode after 16 tokens.
+  steps (--ttft-first-k-only: the prompt at the first K only, later Ks after 16 tokens, both engines).
   Counters per tier from the cache itself; disk bytes from O_DIRECT reads, PCIe bytes from the copies it
   issued.
-- llama.cpp: `llama-bench -ngl 99 -ncmoe N -p 512 -n T -r 1 -t 16 -o json` (-p 0 at later streaming Ks;
-  defaults otherwise: mmap, and a warm-up run of each test before the timed one);
+- llama.cpp: `llama-bench -ngl 99 -ncmoe N -p 512 -n T -r 1 -t 16 -o json` (-p 0 for --ttft-first-k-only's
+  later Ks; defaults otherwise: mmap, and a warm-up run of each test before the timed one);
   K is changed by rewriting `qwen35moe.expert_used_count` in the GGUF in place (restored after).
   Its disk bytes are /proc/diskstats deltas over the decode window (llama-bench runs the prompt test
   first, the decode test last); PCIe from `nvidia-smi dmon -s t` over the same window.
@@ -575,8 +574,9 @@ def main():
     ap.add_argument("--threads", type=int, default=16, help="flashmoe reader threads")
     ap.add_argument("--cpu-threads", type=int, default=16, help="llama.cpp threads")
     ap.add_argument("--skip", nargs="*", default=[], help="flashmoe llama resident stream")
-    ap.add_argument("--ttft-every-k", action="store_true",
-                    help="streaming: time the prompt at every K (default: at the first K only)")
+    ap.add_argument("--ttft-first-k-only", action="store_true",
+                    help="streaming: time the prompt at the first K only; later Ks decode after a 16-token prompt, "
+                         "with caches barely warm (shorter; default: the prompt at every K)")
     ap.add_argument("--cold-ttft", action="store_true",
                     help="flashmoe: time the prompt from empty tiers (default: after a warm-up prompt of the same "
                     "length, as llama-bench times its prompt after a warm-up run)")
@@ -641,9 +641,9 @@ def main():
     budget = {"vram": gpu_layers * E * slot, "host": "auto", "threads": args.threads, "prompt": args.prompt,
               "model": str(args.model), "prefill_warmup": not args.cold_ttft, "device": args.device}
     def stream_prompt(i: int) -> dict:
-        """Streaming TTFT at the first K only (--ttft-every-k: at each): a cold 512-token prefill reads the
-        whole model, at any K, and takes minutes of llama.cpp's time; later Ks decode after a short prompt."""
-        if i == 0 or args.ttft_every_k:
+        """--ttft-first-k-only: later Ks decode after a short prompt (the 2026-12-02 H200 run did: flashmoe's
+        tiers were then still cold at K=4, llama.cpp's page cache gained nothing either way)."""
+        if i == 0 or not args.ttft_first_k_only:
             return {}
         return {"prompt": SHORT_PROMPT, "prefill_warmup": False}
 

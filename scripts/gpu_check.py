@@ -218,9 +218,11 @@ def _events_ms(fn, iters: int, reps: int = 5) -> float:
     return statistics.median(times)
 
 
-def _time_decode(tk, x, table, aexps, rw, k, cfg, nbytes) -> dict:
+def _time_decode(tk, x, table, aexps, rw, k, cfg, nbytes, ref=None) -> dict:
     fn = lambda i: tk.moe_decode(x, table, aexps[i % 32], rw, k, cfg)  # noqa: E731
-    fn(0)
+    y = fn(0).float()
+    # every config computes the same sums in another order: max |diff| / max |ref| against the first one
+    err = None if ref is None else ((y - ref).abs().max() / ref.abs().max()).item()
     loop_ms = _events_ms(fn, 64)
     try:  # graph replay: the kernels' own time, without Python launch overhead
         gr = torch.cuda.CUDAGraph()
@@ -230,8 +232,9 @@ def _time_decode(tk, x, table, aexps, rw, k, cfg, nbytes) -> dict:
         gr.replay()
         graph_ms = _events_ms(lambda i: gr.replay(), 4) / 32
     except Exception as e:  # noqa: BLE001
-        return {"loop_us": loop_ms * 1e3, "graph_us": f"graph failed: {e}"}
-    return {"loop_us": loop_ms * 1e3, "graph_us": graph_ms * 1e3, "graph_GB_s": nbytes / graph_ms / 1e6}
+        return {"loop_us": loop_ms * 1e3, "graph_us": f"graph failed: {e}", "max_rel_vs_first": err, "y": y}
+    return {"loop_us": loop_ms * 1e3, "graph_us": graph_ms * 1e3, "graph_GB_s": nbytes / graph_ms / 1e6,
+            "max_rel_vs_first": err, "y": y}
 
 
 DECODE_SWEEP = {4: [(8, 1024, 4), (4, 1024, 2), (8, 2048, 4), (16, 1024, 4), (8, 1024, 8), (4, 2048, 4),
@@ -254,9 +257,12 @@ def kernel_bench() -> dict:
             aexps = [torch.randperm(512, generator=g, device="cuda")[:k].to(torch.int32) for _ in range(32)]
             x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
             rw = torch.full((k,), 1.0 / k, device="cuda")
+            ref = None
             for c in DECODE_SWEEP[bits]:
-                out[f"decode_q{bits}_K{k}|{list(c)}"] = _time_decode(tk, x, table, aexps, rw, k, c,
-                                                                     k * lay.record_bytes)
+                r = _time_decode(tk, x, table, aexps, rw, k, c, k * lay.record_bytes, ref)
+                y = r.pop("y")
+                ref = y if ref is None else ref
+                out[f"decode_q{bits}_K{k}|{list(c)}"] = r
         if bits == 4:  # prefill: grouped GEMM, many tokens per layer
             for t in (512, 2048):
                 x = torch.randn(t, 4096, device="cuda", dtype=torch.bfloat16)
@@ -279,7 +285,7 @@ def pick_best(kb: dict) -> dict:
     best = {}
     for bits in (2, 4, 8):
         dec = {k: v["graph_us"] for k, v in kb.items() if k.startswith(f"decode_q{bits}_K10|") and
-               isinstance(v.get("graph_us"), float)}
+               isinstance(v.get("graph_us"), float) and (v.get("max_rel_vs_first") or 0.0) < 2e-2}
         if dec:
             best[bits] = tuple(json.loads(min(dec, key=dec.get).split("|")[1]))
     return best

@@ -105,7 +105,7 @@ def test_one_format_at_a_time_merges(synth, tmp_path, monkeypatch):
     monkeypatch.setattr(bc, "run_llama", fake_llama)
     monkeypatch.setattr(bc, "run_flashmoe", fake_flashmoe)
     argv = ["bench_cuda.py", str(d / "m"), str(d / "m.gguf"), "--llama-bench", str(lb), "--out", str(tmp_path / "o"),
-            "--merge", "--skip", "resident", "--k", "2", "1", "--overlap-ab"]
+            "--merge", "--skip", "resident", "--k", "2", "1", "--overlap-ab", "--ttft-first-k-only"]
     monkeypatch.setattr(sys, "argv", argv)
     bc.main()  # phase 1: the GGUF alone
     assert ran == [("llama", 2, 512), ("llama", 1, 0)]  # the prompt timed at the first K only

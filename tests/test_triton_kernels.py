@@ -111,8 +111,9 @@ SHAPES = [
 def test_decode_kernels_match_twin(bits, sdt, hidden, inter, group, xdt):
     exps = make_experts(6, hidden, inter, bits, group, sdt, seed=bits + hidden)
     table = tk.table_from_experts(exps, hidden, inter)
-    # 64-row blocks: partial row blocks too; variant 2 (_qmv2) with the default and the 64-row blocks
-    for t, k, cfg in ((1, 4, None), (3, 2, (64, 64, 2)), (1, 4, (8, 64, 4, 2)), (3, 2, (64, 64, 2, 2))):
+    # the default (DECODE_CFG), variant 1 (_qmv) and 2 (_qmv2) explicitly, 64-row blocks: partial row blocks too
+    for t, k, cfg in ((1, 4, None), (1, 4, (8, 64, 4)), (3, 2, (64, 64, 2)), (1, 4, (8, 64, 4, 2)),
+                      (3, 2, (64, 64, 2, 2))):
         x = torch.randn(t, hidden, device=DEV).to(xdt)
         ids, w = routing(t, k, 6, seed=t)
         ref = tk.decode_twin(x.float(), exps, ids.to(DEV), w.to(DEV))  # float32; rounding compared below

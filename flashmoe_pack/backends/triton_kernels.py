@@ -43,7 +43,9 @@ OFFS = ("gate.weight", "up.weight", "down.weight", "gate.scales", "gate.biases",
 DECODE_MAX_T = 4  # up to this many tokens per layer use the GEMV kernels
 # Launch configs, keyed by bits: (rows per program, columns per step, warps[, variant: 1 _qmv, 2 _qmv2]);
 # scripts/gpu_check.py times alternatives on the GPU (the table in its report). GEMM: BM assignments x BN rows tiles.
-DECODE_CFG = {2: (8, 1024, 4), 4: (8, 1024, 4), 8: (4, 512, 2)}
+# _qmv2 won every bits at K=10 and K=4 on the H200 (scripts/results/gpu_check_h200_2026-12-02b.json, graph
+# replay, 397B geometry): q4 K=10 74 us vs 132 us for _qmv (8, 1024, 4); q8 114 vs 139 us; q2 80 vs 132 us.
+DECODE_CFG = {2: (8, 2048, 4, 2), 4: (8, 1024, 4, 2), 8: (8, 512, 4, 2)}
 GEMM_CFG = {"BM": 64, "BN": 64, "BK": 64, "warps": 4, "stages": 3}
 
 
