@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 # imports triton (torch.compile does, in test_model_qwen3_5_moe.py).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("FLASHMOE_VERIFY_DEMOTIONS", "1")  # every record moved down from VRAM checked again
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 

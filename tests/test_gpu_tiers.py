@@ -181,14 +181,15 @@ def test_demoted_record_is_the_checked_record(packed4):
     assert (2, 5) not in c.host._cache and len(c._where) + len(c._free_slots) == 2  # no slot lost
     c.slots(0, [0])
     c.close()
-    c = cache(ix, slots=2, host=4, verify_reads=False)  # no checks asked: moved down as is
-    c.slots(0, [0, 1])
-    c.pool[c._where[(0, 0)], 7] ^= 0xFF
-    if CUDA:
-        torch.cuda.synchronize()
-    c.slots(0, [2])
-    assert c.tier.demotions == 1 and (0, 0) in c.host._cache
-    c.close()
+    for kw in ({"verify_reads": False}, {"verify_demotions": False}):  # no check asked: moved down as is
+        c = cache(ix, slots=2, host=4, **kw)
+        c.slots(0, [0, 1])
+        c.pool[c._where[(0, 0)], 7] ^= 0xFF
+        if CUDA:
+            torch.cuda.synchronize()
+        c.slots(0, [2])
+        assert c.tier.demotions == 1 and (0, 0) in c.host._cache
+        c.close()
 
 
 def test_no_host_budget_moves_nothing_down(packed4):

@@ -258,12 +258,16 @@ def test_stream_keep_false_takes_hits_and_caches_no_reads(small):
 def test_put_inserts_checked_copy_under_budget(small):
     ix = load_index(small)
     rb = fmt.align_up(ix.layout.record_bytes, 4096)
-    st = ExpertStore(ix, cache_bytes=2 * rb, threads=1)
+    st = SlowStore(ix, cache_bytes=2 * rb, threads=1)
     for e in (3, 4, 5):  # LRU eviction at the budget: 3 goes
         src = _raw(ix, 1, e).clone()
         assert st.put(1, e, src)
         src.zero_()  # the store holds its own copy
     assert list(st._cache) == [(1, 4), (1, 5)] and st.cached_bytes == 2 * rb
+    allocated = st.allocated
+    for e in (6, 7, 4, 5):  # at the budget each put takes the evicted record's buffer: no new mapping
+        assert st.put(1, e, _raw(ix, 1, e))
+    assert st.allocated == allocated and list(st._cache) == [(1, 4), (1, 5)]
     got = dict(st.stream(1, [4, 5]))
     assert (st.stats.hits, st.stats.reads) == (2, 0)
     for e in (4, 5):

@@ -27,10 +27,12 @@ overwritten, after the batch's host-tier lookups (so it never pushes out a recor
 CUDA the copy runs on its own stream (after the slot's upload, beside kernels that read the slot) into
 a pinned staging buffer with an event, which only the slot's next upload waits for (on the side
 stream); the host finishes the move (wait for the event, copy into a store buffer, xxhash64 check when
-verify_reads) as copies complete while reads are in flight, when the staging buffer is needed again, or
-at the end of the batch (none is pending between batches). A staging buffer is never reused while a
-copy into or out of it is pending. Host cost per 7.5 MiB record moved down (2-core box, busy): 0.4 ms
-copy + 0.6 ms check. Why exclusive (scripts/sim_cache.py, synthetic decode routing, 397B ratios, VRAM
+verify_demotions: FLASHMOE_VERIFY_DEMOTIONS=1, the tests) as copies complete while reads are in flight,
+when the staging buffer is needed again, or at the end of the batch (none is pending between batches). A
+staging buffer is never reused while a copy into or out of it is pending. Host cost per 7.5 MiB record
+moved down (2-core box, busy): 0.4 ms copy + 0.6 ms check; on the H200 box, 12 layers streaming at K=10,
+2.3 ms per record with the check, 90 records and 0.21 s of a 0.6 s token (why the check is off by
+default). Why exclusive (scripts/sim_cache.py, synthetic decode routing, 397B ratios, VRAM
 and host 1/5 of the experts each): combined hit rate 39-40% vs 21% (LRU) / 32-34% (LFU) inclusive on
 uniform routing, 67-94% vs 50-93% on skewed routing; never lower; the H200 benchmark's case: 55% vs
 35% (measured there: 36% inclusive). LFU in VRAM beats LRU by 0.1-4 points exclusive on skewed
@@ -256,6 +258,11 @@ def serial_default() -> bool:
     return os.environ.get("FLASHMOE_CUDA_SERIAL", "0") == "1"
 
 
+def verify_demotions_default() -> bool:
+    """FLASHMOE_VERIFY_DEMOTIONS=1: xxhash64 check of every record moved down from VRAM (the tests set it)."""
+    return os.environ.get("FLASHMOE_VERIFY_DEMOTIONS", "0") == "1"
+
+
 def exclusive_default() -> bool:
     """The tiers' mode when GpuExpertCache is not told: exclusive unless FLASHMOE_CUDA_EXCLUSIVE=0."""
     return os.environ.get("FLASHMOE_CUDA_EXCLUSIVE", "1") != "0"
@@ -298,6 +305,7 @@ class GpuExpertCache:
         host_budget: int | str = "auto",
         exclusive: bool | None = None,
         serial: bool | None = None,
+        verify_demotions: bool | None = None,
     ):
         from .runtime import parse_size
 
@@ -313,6 +321,10 @@ class GpuExpertCache:
         # serial: a batch's reads all complete before its first copy, and its copies before anything else
         # (the A/B of what overlapping reads with copies and kernels buys; FLASHMOE_CUDA_SERIAL=1)
         self.serial = serial_default() if serial is None else bool(serial)
+        # a record moving down was checked when it was read from disk; checking it again on the way down
+        # catches a slot-bookkeeping bug (tests turn it on), at ~0.6-0.8 ms of host time per 7.5 MiB record
+        self.verify_demotions = verify_reads and (verify_demotions_default() if verify_demotions is None
+                                                  else bool(verify_demotions))
         # the host tier and the SSD: checks files, reads (O_DIRECT with io="direct"), verifies, caches
         self.host = ExpertStore(index, 0, io=io, threads=threads, verify_reads=verify_reads, device="cpu")
         self.host_note = ""
@@ -585,10 +597,10 @@ class GpuExpertCache:
 
     def _put_down(self, key: tuple[int, int], record: torch.Tensor) -> None:
         """A record evicted from VRAM (its bytes on the host now) into the host tier: copied into a store
-        buffer and, with verify_reads, checked against the index's xxhash64 again (a wrong slot or a
+        buffer and, with verify_demotions, checked against the index's xxhash64 again (a wrong slot or a
         copy still in flight would fail loudly here, not as garbage tokens later)."""
         t0 = time.perf_counter()
-        if self.host.put(key[0], key[1], record, verify=self.verify_reads):
+        if self.host.put(key[0], key[1], record, verify=self.verify_demotions):
             self.tier.demotions += 1
             self.tier.down_bytes += self.record_bytes
         self.tier.demote_seconds += time.perf_counter() - t0

@@ -590,11 +590,24 @@ class ExpertStore:
                              f">= {self.record_bytes} bytes, got {src.dtype} [{src.numel()}] on {src.device}")
         if self.read_bytes > self.cache_bytes:
             return False
+        buf, evicted = None, None
         with self._lock:
             if (layer, expert) in self._cache:
                 self._cache.move_to_end((layer, expert))
                 return True
-        buf = self._acquire()
+            if self._cached_bytes + self.read_bytes > self.cache_bytes and self._cache:
+                # full: the LRU record's buffer takes this one (a fresh mapping costs a page fault per
+                # 4 KiB on first touch, 2-18 ms per 7.5 MiB record measured, against 0.13 ms for the copy)
+                _, evicted = self._cache.popitem(last=False)
+                evicted.cached = False
+                self._cached_bytes -= self.read_bytes
+                if evicted.buf is not None and not (evicted.leases or evicted.pinned):
+                    buf, evicted.buf, evicted.weights = evicted.buf, None, None
+                    evicted = None
+        if evicted is not None:
+            self._recycle(evicted)
+        if buf is None:
+            buf = self._acquire()
         raw = torch.frombuffer(buf, dtype=torch.uint8)
         raw[: self.record_bytes].copy_(src[: self.record_bytes])
         if verify:
