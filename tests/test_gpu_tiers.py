@@ -192,6 +192,39 @@ def test_demoted_record_is_the_checked_record(packed4):
         c.close()
 
 
+def test_scans_keep_what_the_tiers_hold(packed4):
+    """A prefill asks each layer for (nearly) every expert, in layer order: a cyclic scan through more records
+    than VRAM + host hold. Under LRU it replaces everything before reuse and hits nothing; scan batches
+    bring records in as transient ones (evicted newest first, moved down only into free host room), so the
+    tiers keep most of what they held. Records used outside a scan become ordinary."""
+    ix = load_index(packed4)
+    layers, n = [e["layer"] for e in ix.layers], ix.num_experts
+    assert len(layers) * n == 32  # 16 VRAM slots + 8 host records hold 24 of them
+
+    def scans(c, times: int) -> list[int]:
+        reads = []
+        for _ in range(times):
+            r0 = c.host.stats.reads
+            for layer in layers:
+                slots = c.slots(layer, list(range(n)))
+                for e, s in zip(range(n), slots, strict=True):  # every record where the cache says
+                    assert torch.equal(c.pool[s, : c.record_bytes].cpu(), read_record(ix, layer, e))
+            reads.append(c.host.stats.reads - r0)
+        return reads
+
+    c = cache(ix, slots=16, host=8, scan_batch=n + 1)  # no batch is a scan: LRU in both tiers
+    assert scans(c, 3)[1:] == [32, 32]
+    c.close()
+    c = cache(ix, slots=16, host=8, scan_batch=4)
+    got = scans(c, 4)
+    assert got[0] == 32 and sum(got[1:]) <= 3 * 16 and min(got[1:]) == 8, got  # 8: the least possible
+    assert not set(c._where) & set(c.host._cache) and len(c._transient) == 16
+    kept = next(iter(c._transient))
+    c.slots(kept[0], [kept[1]])  # used by a decode step: ordinary now, never a transient victim
+    assert kept not in c._transient and len(c._transient) == 15
+    c.close()
+
+
 def test_no_host_budget_moves_nothing_down(packed4):
     ix = load_index(packed4)
     c = cache(ix, slots=1, host=0)

@@ -306,6 +306,7 @@ class GpuExpertCache:
         exclusive: bool | None = None,
         serial: bool | None = None,
         verify_demotions: bool | None = None,
+        scan_batch: int | None = None,
     ):
         from .runtime import parse_size
 
@@ -337,6 +338,11 @@ class GpuExpertCache:
         self._rows = {e["layer"]: i for i, e in enumerate(index.layers)}  # layer -> row of the slot map
         self._total = len(index.layers) * index.num_experts
         self._resident = None  # (slot map, table over every slot) once every expert is in VRAM
+        # scans: a batch of more than scan_batch experts (a prefill's layer: nearly all of them) brings its
+        # misses in as transient records, evicted before any other and moved down only into free host room
+        self.scan_batch = max(16, index.num_experts // 4) if scan_batch is None else int(scan_batch)
+        self._transient: OrderedDict = OrderedDict()  # (layer, expert) -> None, oldest first
+        self._scan_down: set = set()  # transient records moving down now
         cuda = self.device.type == "cuda"
         self.side = torch.cuda.Stream(self.device) if cuda else None  # host -> VRAM copies
         self.down = torch.cuda.Stream(self.device) if cuda else None  # VRAM -> host copies (exclusive)
@@ -423,6 +429,7 @@ class GpuExpertCache:
             self.down.synchronize()
         self.host.close()
         self._where.clear()
+        self._transient.clear()
         self._resident = None
         self.pool = None
 
@@ -436,6 +443,7 @@ class GpuExpertCache:
         if len(experts) > self.capacity:
             raise ValueError(f"{len(experts)} experts in one batch, the VRAM cache holds {self.n_slots}")
         batch = {(layer, e) for e in experts}
+        scan = len(experts) > self.scan_batch
         missing = []
         for e in experts:
             if not 0 <= e < self.index.num_experts:
@@ -443,11 +451,13 @@ class GpuExpertCache:
             if (layer, e) in self._where:
                 self.vram.hits += 1
                 self.policy.touch((layer, e))
+                if not scan:  # used outside a scan: an ordinary record from now on
+                    self._transient.pop((layer, e), None)
             else:
                 self.vram.misses += 1
                 missing.append(e)
         if missing:
-            self._fetch(layer, missing, batch)
+            self._fetch(layer, missing, batch, scan)
         return [self._where[(layer, e)] for e in experts]
 
     def resident_map(self):
@@ -467,17 +477,26 @@ class GpuExpertCache:
         return self._rows[layer]
 
     def _take_slot(self, protected: set) -> tuple[int, tuple[int, int] | None]:
-        """A free slot, or the policy's victim's: (slot, evicted key or None)."""
+        """A free slot, or the newest transient record's (one a scan brought in and nothing used since,
+        most recent first: a cyclic scan keeps a fixed set), or the policy's victim's: (slot, evicted key
+        or None)."""
         if self._free_slots:
             return self._free_slots.pop(), None
-        old = self.policy.victim(protected)
+        old = next((k for k in reversed(self._transient) if k not in protected), None)
+        if old is None:
+            old = self.policy.victim(protected)
+        else:
+            del self._transient[old]
+            self._scan_down.add(old)  # moves down (exclusive) only into free host room
         self.policy.remove(old)
         self.tier.evictions += 1
         return self._where.pop(old), old
 
-    def _fetch(self, layer: int, experts: list[int], batch: set) -> None:
+    def _fetch(self, layer: int, experts: list[int], batch: set, scan: bool = False) -> None:
         """VRAM misses from the host tier (hits first, then disk reads as they complete): each
         record is copied into a pinned staging buffer and from there to its slot on the side stream.
+        scan: the records come in as transient (see __init__): a scan through more experts than the tiers
+        hold then keeps what they held (a cyclic scan under LRU would replace everything and hit nothing).
         Exclusive: the records leave the host tier, and each victim moves down into it just before its
         slot is overwritten (after the host-tier lookups, so a victim never pushes out a record this
         batch takes; interleaved with the reads, so the host work of moving down overlaps them)."""
@@ -519,10 +538,13 @@ class GpuExpertCache:
             raise
         finally:
             records.close()
+            self._scan_down.clear()  # every move down of the batch is done (or abandoned with it)
         self._resident = None
         for e in done:
             self._where[(layer, e)] = slots[e]
             self.policy.touch((layer, e))
+            if scan:
+                self._transient[(layer, e)] = None
         if self.side is not None:
             torch.cuda.current_stream(self.device).wait_stream(self.side)
             if self.serial:
@@ -600,7 +622,9 @@ class GpuExpertCache:
         buffer and, with verify_demotions, checked against the index's xxhash64 again (a wrong slot or a
         copy still in flight would fail loudly here, not as garbage tokens later)."""
         t0 = time.perf_counter()
-        if self.host.put(key[0], key[1], record, verify=self.verify_demotions):
+        evict = key not in self._scan_down
+        self._scan_down.discard(key)
+        if self.host.put(key[0], key[1], record, verify=self.verify_demotions, evict=evict):
             self.tier.demotions += 1
             self.tier.down_bytes += self.record_bytes
         self.tier.demote_seconds += time.perf_counter() - t0

@@ -572,12 +572,13 @@ class ExpertStore:
         """Decoded weights of `experts` of `layer` (valid for as long as they are referenced)."""
         return dict(self.stream(layer, experts, pin=True))
 
-    def put(self, layer: int, expert: int, record: torch.Tensor, verify: bool = True) -> bool:
+    def put(self, layer: int, expert: int, record: torch.Tensor, verify: bool = True, evict: bool = True) -> bool:
         """Insert a copy of `record` (uint8, at least record_bytes; e.g. a record moved down from VRAM)
         as expert `expert` of `layer`, under the budget with the cache's LRU eviction, into a recycled
         buffer. verify=True checks its xxhash64 against the index first (FormatError naming file, layer,
         expert), so what the cache holds is checked data. Returns False when a record does not fit the
-        budget (nothing is kept). A key already cached is only marked recently used. CPU stores only."""
+        budget (nothing is kept), or, with evict=False, when the budget is full. A key already cached is only
+        marked recently used. CPU stores only."""
         if self.device.type != "cpu":
             raise ValueError(f"ExpertStore.put: records are kept in host buffers, this store is on {self.device}")
         if layer not in self._fds:
@@ -595,6 +596,8 @@ class ExpertStore:
             if (layer, expert) in self._cache:
                 self._cache.move_to_end((layer, expert))
                 return True
+            if self._cached_bytes + self.read_bytes > self.cache_bytes and not evict:
+                return False
             if self._cached_bytes + self.read_bytes > self.cache_bytes and self._cache:
                 # full: the LRU record's buffer takes this one (a fresh mapping costs a page fault per
                 # 4 KiB on first touch, 2-18 ms per 7.5 MiB record measured, against 0.13 ms for the copy)
