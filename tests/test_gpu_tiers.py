@@ -225,6 +225,23 @@ def test_scans_keep_what_the_tiers_hold(packed4):
     c.close()
 
 
+def test_serial_reads_in_bounded_groups(packed4, monkeypatch):
+    """Serial mode holds the records of a group until its reads are done: a big batch goes in groups of at
+    most SERIAL_GROUP, each right where the cache says."""
+    from flashmoe_pack.engine import gpu_cache
+
+    monkeypatch.setattr(gpu_cache, "SERIAL_GROUP", 2)
+    ix = load_index(packed4)
+    c = cache(ix, slots=8, host=8, serial=True)
+    sizes, stream = [], c.host.stream
+    monkeypatch.setattr(c.host, "stream", lambda layer, ex, **kw: sizes.append(len(ex)) or stream(layer, ex, **kw))
+    slots = c.slots(1, [0, 1, 2, 3, 4])
+    assert sizes == [2, 2, 1]
+    for e, s in zip(range(5), slots, strict=True):
+        assert torch.equal(c.pool[s, : c.record_bytes].cpu(), read_record(ix, 1, e))
+    c.close()
+
+
 def test_no_host_budget_moves_nothing_down(packed4):
     ix = load_index(packed4)
     c = cache(ix, slots=1, host=0)

@@ -258,6 +258,9 @@ def serial_default() -> bool:
     return os.environ.get("FLASHMOE_CUDA_SERIAL", "0") == "1"
 
 
+SERIAL_GROUP = 64  # serial mode: records read (and held) before their copies start
+
+
 def verify_demotions_default() -> bool:
     """FLASHMOE_VERIFY_DEMOTIONS=1: xxhash64 check of every record moved down from VRAM (the tests set it)."""
     return os.environ.get("FLASHMOE_VERIFY_DEMOTIONS", "0") == "1"
@@ -516,28 +519,36 @@ class GpuExpertCache:
         if not (self.exclusive and self.host.cache_bytes >= self.host.read_bytes):
             victims = {}  # inclusive, or no host tier: evicted records are dropped
         done = []
-        # raises FormatError naming the record
-        records = self.host.stream(layer, experts, keep=not self.exclusive, hold=self.serial)
+        # serial holds every record of a group in host RAM until the group's reads are done: groups of at
+        # most SERIAL_GROUP records (a prefill's 512 at once ran a 5.2 GB cgroup out of memory on the H200)
+        step = SERIAL_GROUP if self.serial else len(experts)
+        records = None
         try:
-            first = next(records)  # the host tier's lookups are done (exclusive: hits taken) and reads started
-            if self.serial:  # every read done first; the generator stays open, so held buffers stay valid
-                rest = [next(records) for _ in range(len(experts) - 1)]
-            else:
-                rest = records
-            for e, w in itertools.chain([first], rest):
-                s = slots[e]
-                old = victims.pop(s, None)
-                self._copy(_record(w, self.record_bytes), s, after=None if old is None else self._demote(old, s))
-                done.append(e)
-                if old is not None:  # moves whose copy is done, while the next reads are in flight
-                    self._finish_demotions(ready_only=True)
-            self._finish_demotions()  # none pending after a batch: a key is never in both tiers
+            for g in range(0, len(experts), step):
+                group = experts[g : g + step]
+                # raises FormatError naming the record
+                records = self.host.stream(layer, group, keep=not self.exclusive, hold=self.serial)
+                first = next(records)  # the host tier's lookups are done (exclusive: hits taken), reads started
+                if self.serial:  # every read done first; the generator stays open, so held buffers stay valid
+                    rest = [next(records) for _ in range(len(group) - 1)]
+                else:
+                    rest = records
+                for e, w in itertools.chain([first], rest):
+                    s = slots[e]
+                    old = victims.pop(s, None)
+                    self._copy(_record(w, self.record_bytes), s, after=None if old is None else self._demote(old, s))
+                    done.append(e)
+                    if old is not None:  # moves whose copy is done, while the next reads are in flight
+                        self._finish_demotions(ready_only=True)
+                self._finish_demotions()  # none pending after a group: a key is never in both tiers
+                records.close()
         except BaseException:
             self._free_slots += [slots[e] for e in experts]  # nothing of a failed batch is cached
             self._stage_down = [None] * len(self._staging)  # nor moved down (the events still guard the buffers)
             raise
         finally:
-            records.close()
+            if records is not None:
+                records.close()
             self._scan_down.clear()  # every move down of the batch is done (or abandoned with it)
         self._resident = None
         for e in done:
