@@ -118,6 +118,18 @@ def conformance(tmp: Path) -> dict:
                 "greedy_equal": gen_c == gen_g,
             }
             g.close()
+    # 8-bit resident matrices on the GPU (the Triton GEMV from packed words; `auto` picks bf16 on the H200),
+    # against the same pack's CPU path with its own q8 residents (C kernels), and against bf16 residents
+    pq = tmp / "q4g32bfloat16"
+    c8, c16 = flashmoe_pack.load(pq, resident="q8"), flashmoe_pack.load(pq, resident="bf16")
+    for mode in ("q8", "q4-head"):
+        g = flashmoe_pack.load(pq, device="cuda", resident=mode)
+        for name, c in (("cpu_q8", c8), ("cpu_bf16", c16)):
+            rs = [compare_logits(c.logits(ids), g.logits(ids).cpu()) for ids in PROMPTS]
+            n = sum(r.tokens for r in rs)
+            out[f"resident_{mode}_vs_{name}"] = {"kl": sum(r.kl * r.tokens for r in rs) / n,
+                                                  "top1": sum(r.top1 * r.tokens for r in rs) / n}
+        g.close()
     return out
 
 
