@@ -49,6 +49,20 @@ VRAM / host (share of VRAM misses) / combined; last column: disk reads exclusive
 
 Exclusive tiers are never worse (+18 to +20 points on uniform routing with LRU, +1 to +17 on the skewed ones),
 and LFU in VRAM is the better policy in both modes (ties on uniform routing when exclusive).
+
+Prefill as a scan (`--prefill 512`: the H200 benchmark's sequence, two 512-token prompts then 64 decode
+tokens). `python scripts/sim_cache.py --prefill 512 --layers 12 --vram 0.25 --host 0.3685 --routing uniform
+"zipf 0.8 +share 0.3"` (the 12-layer run's budgets: 1536 VRAM slots, 2264 host records of 6144), 8 s:
+
+| routing | K | scans | timed prefill: disk reads (share of all records) | decode combined hit % |
+|---|---|---|---|---|
+| uniform | 10 | off / on | 6144 (100%) / 2344 (38%) | 61.0-61.1 / 61.1-61.2 |
+| uniform | 4 | off / on | 6034 (98%) / 2321 (38%) | 61.8-61.9 / 62.1 |
+| zipf 0.8 +share 0.3 | 10 | off / on | 5875 (96%) / 2286 (37%) | 82.6 / 82.0 |
+| zipf 0.8 +share 0.3 | 4 | off / on | 4679 (76%) / 1913 (31%) | 81.0-81.3 / 81.4 |
+
+(ranges: LRU-LFU.) The H200 run measured 100% (48.3 GB) with scans off; with them a warm prefill reads what
+the tiers cannot hold (38% = 1 - their share) and decode is not hurt.
 """
 
 from __future__ import annotations
@@ -106,6 +120,37 @@ def routing(layers: int, experts: int, k: int, tokens: int, zipf: float | None, 
     return trace
 
 
+def prefill_table(a) -> None:
+    """The H200 benchmark's sequence (bench_cuda.py): from empty tiers, a warm-up prompt of --prefill tokens,
+    the timed prompt of the same length, then --decode tokens; per layer a prompt is one batch, the union
+    of its tokens' picks (a scan through nearly every expert). Scans off (LRU/LFU as for decode) and on
+    (GpuExpertCache's default scan_batch: max(16, experts / 4))."""
+    print(f"# prefill {a.prefill} tokens twice, then {a.decode} decode tokens; {a.layers} layers x {a.experts} "
+          f"experts, VRAM {a.vram:.3f}, host {a.host:.3f} of them; exclusive tiers")
+    print("| routing | K | policy | scans | timed prefill: disk reads (share of all records) | "
+          "decode: VRAM / host / combined hit % |")
+    print("|---|---|---|---|---|---|")
+    total = a.layers * a.experts
+    slots, hslots = round(a.vram * total), round(a.host * total)
+    for name in a.routing:
+        zipf, share = ROUTINGS[name]
+        for k in a.k:
+            prompts = []
+            for seed in (a.seed, a.seed + 1):  # warm-up prompt, timed prompt
+                t = routing(a.layers, a.experts, k, a.prefill, zipf, share, seed)
+                prompts += [sorted({key for tok in range(a.prefill) for key in t[tok * a.layers + layer]})
+                            for layer in range(a.layers)]
+            dec = routing(a.layers, a.experts, k, a.decode, zipf, share, a.seed + 2)
+            warm = a.layers  # the warm-up prompt's batches
+            for policy in ("lru", "lfu"):
+                for label, sb in (("off", None), ("on", max(16, a.experts // 4))):
+                    pre = simulate_tiers(policy, prompts, slots, hslots, True, warmup=warm, scan_batch=sb)
+                    d = simulate_tiers(policy, prompts + dec, slots, hslots, True, warmup=2 * warm, scan_batch=sb)
+                    print(f"| {name} | {k} | {policy} | {label} | {pre['disk_reads']} "
+                          f"({pre['disk_reads'] / total * 100:.0f}%) | {d['vram_hit_rate'] * 100:.1f} / "
+                          f"{d['host_hit_rate'] * 100:.1f} / **{d['combined_hit_rate'] * 100:.1f}** |", flush=True)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--layers", type=int, default=12)
@@ -118,7 +163,12 @@ def main(argv=None) -> None:
     ap.add_argument("--routing", nargs="+", default=list(ROUTINGS), choices=list(ROUTINGS))
     ap.add_argument("--no-bench-row", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--prefill", type=int, default=0,
+                    help="the benchmark's sequence instead: two prompts of this many tokens, then --decode tokens")
+    ap.add_argument("--decode", type=int, default=64)
     a = ap.parse_args(argv)
+    if a.prefill:
+        return prefill_table(a)
 
     cases = [(name, a.layers, a.vram, a.host, k) for name in a.routing for k in a.k]
     if not a.no_bench_row:

@@ -223,6 +223,17 @@ def test_scans_keep_what_the_tiers_hold(packed4):
     c.slots(kept[0], [kept[1]])  # used by a decode step: ordinary now, never a transient victim
     assert kept not in c._transient and len(c._transient) == 15
     c.close()
+    # scans between decode batches: every counter equals simulate_tiers' (LRU and LFU)
+    t = [(layer, list(range(n))) for layer in layers] + trace(ix, 40, seed=5)
+    t += [(layer, list(range(n))) for layer in layers] + trace(ix, 40, seed=6)
+    for policy in ("lru", "lfu"):
+        c = cache(ix, slots=16, host=8, scan_batch=4, policy=policy)
+        for layer, experts in t:
+            c.slots(layer, experts)
+        sim = simulate_tiers(policy, [[(layer, e) for e in ex] for layer, ex in t], 16, 8, True, scan_batch=4)
+        got = (c.vram.hits, c.host.stats.hits, c.host.stats.reads, c.tier.demotions)
+        assert got == (sim["vram_hits"], sim["host_hits"], sim["disk_reads"], sim["demotions"]), (policy, got, sim)
+        c.close()
 
 
 def test_serial_reads_in_bounded_groups(packed4, monkeypatch):

@@ -183,7 +183,7 @@ def simulate(policy: str, trace: list[list], n_slots: int) -> float:
 
 
 def simulate_tiers(policy: str, trace: list[list], n_slots: int, host_slots: int, exclusive: bool = True,
-                   warmup: int = 0) -> dict:
+                   warmup: int = 0, scan_batch: int | None = None) -> dict:
     """Counters of the VRAM tier (`policy`, n_slots) over the host tier (LRU, host_slots records) on a
     trace of batches (lists of keys used together), in GpuExpertCache's order of operations: VRAM hits
     are touched in request order; for the misses, victims are chosen (never a key of the batch), the
@@ -191,26 +191,32 @@ def simulate_tiers(policy: str, trace: list[list], n_slots: int, host_slots: int
     enter VRAM host hits first, then reads, in request order (the cache with one reader thread does the
     same), and as each slot is filled (exclusive) its victim moves down into the host tier, or
     (inclusive) the record read from disk is inserted there. Batches before `warmup` are not counted.
+    scan_batch: batches of more keys are scans, as in GpuExpertCache (None: no batch is).
     Returns lookups, vram_hits, host_hits, disk_reads, demotions and the hit rates (combined: either tier)."""
     pol, where, host, free = POLICIES[policy](), set(), OrderedDict(), n_slots
+    transient: OrderedDict = OrderedDict()
     n = {"lookups": 0, "vram_hits": 0, "host_hits": 0, "disk_reads": 0, "demotions": 0}
 
-    def host_insert(key) -> None:
-        if host_slots <= 0:
-            return
+    def host_insert(key, evict: bool = True) -> bool:
+        if host_slots <= 0 or (not evict and len(host) >= host_slots):
+            return False
         host[key] = None
         host.move_to_end(key)
         while len(host) > host_slots:
             host.popitem(last=False)
+        return True
 
     for i, batch in enumerate(trace):
         batch = list(dict.fromkeys(batch))
         count = i >= warmup
+        scan = scan_batch is not None and len(batch) > scan_batch
         miss = []
         for key in batch:
             if key in where:
                 pol.touch(key)
                 n["vram_hits"] += count
+                if not scan:
+                    transient.pop(key, None)
             else:
                 miss.append(key)
         n["lookups"] += count * len(batch)
@@ -218,12 +224,17 @@ def simulate_tiers(policy: str, trace: list[list], n_slots: int, host_slots: int
             continue
         if len(miss) > n_slots:
             raise ValueError(f"{len(miss)} misses in one batch, the VRAM tier holds {n_slots}")
-        victims, protected = {}, set(batch)  # miss -> the key evicted from the slot it gets
+        victims, protected, scan_down = {}, set(batch), set()  # miss -> the key evicted from the slot it gets
         for key in miss:
             if free:
                 free -= 1
             else:
-                old = pol.victim(protected)
+                old = next((k for k in reversed(transient) if k not in protected), None)
+                if old is None:
+                    old = pol.victim(protected)
+                else:
+                    del transient[old]
+                    scan_down.add(old)
                 pol.remove(old)
                 where.discard(old)
                 victims[key] = old
@@ -238,14 +249,16 @@ def simulate_tiers(policy: str, trace: list[list], n_slots: int, host_slots: int
             else:
                 read.append(key)
         for key in [victims[k] for k in up + read if k in victims] if exclusive else read:
-            host_insert(key)  # exclusive: a victim moves down as its slot is filled
-        if exclusive and host_slots > 0:
-            n["demotions"] += count * len(victims)
+            # exclusive: a victim moves down as its slot is filled (a transient one only into free room)
+            kept = host_insert(key, evict=key not in scan_down)
+            n["demotions"] += count * (exclusive and kept)
         n["host_hits"] += count * len(up)
         n["disk_reads"] += count * len(read)
         for key in up + read:
             where.add(key)
             pol.touch(key)
+            if scan:
+                transient[key] = None
     looked = max(1, n["lookups"])
     n["vram_hit_rate"] = n["vram_hits"] / looked
     n["host_hit_rate"] = n["host_hits"] / max(1, n["lookups"] - n["vram_hits"])
