@@ -419,6 +419,8 @@ def engine_run(spec: dict) -> dict:
             "tiers": b.get("mode"), "policy": m.store.policy.name,
             "combined_hit": (vh + hh) / (vh + vm) if vh + vm else 0.0,
             "demotions_per_tok": d("vram", "demotions") / max(n, 1),
+            "direct_uploads_per_tok": d("vram", "direct_uploads") / max(n, 1),
+            "pinned_buffers": b["host"]["pinned_buffers"],
             "demote_s_per_tok": d("vram", "demote_seconds") / max(n, 1),
         })
         if r["graph"]["captures"] and st.decode_s > r["graph"]["capture_s"]:  # captures happen inside decode

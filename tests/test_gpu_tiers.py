@@ -124,12 +124,14 @@ class FakeStream:
 
 
 @pytest.mark.skipif(CUDA, reason="the real streams run in the other tests on CUDA")
-@pytest.mark.parametrize("staging,serial", [(1, False), (3, False), (3, True)])
-def test_stream_path_bookkeeping(packed4, monkeypatch, staging, serial):
+@pytest.mark.parametrize("staging,serial,pinned", [(1, False, False), (3, False, False), (3, True, False),
+                                                   (3, False, True), (1, True, True)])
+def test_stream_path_bookkeeping(packed4, monkeypatch, staging, serial, pinned):
     """The CUDA code path (staging ring shared by copies in and out, records moving down through pinned
     buffers, per-slot waits) with stand-in streams and events on CPU: a staging buffer reused before its
     record reached the host tier would hand over the wrong bytes and fail the check on the way down; the
-    host tier's order must still be the simulator's; every upload into an evicted slot waits for its copy out."""
+    host tier's order must still be the simulator's; every upload into an evicted slot waits for its copy out.
+    pinned: a page-locked host tier (registration stood in for), copies straight to and from its buffers."""
     import contextlib
 
     monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
@@ -138,6 +140,8 @@ def test_stream_path_bookkeeping(packed4, monkeypatch, staging, serial):
     ix = load_index(packed4)
     c = cache(ix, slots=5, host=6, policy="lru", exclusive=True, staging=staging, serial=serial)
     c.side, c.down = FakeStream(), FakeStream()
+    if pinned:
+        c.host._pin = lambda addr, nbytes: True
     t = trace(ix, 120, seed=2) + [(layer, list(range(5))) for layer in (0, 1, 2)]  # 5 victims in one batch
     for layer, experts in t:
         c.slots(layer, experts)
@@ -145,9 +149,16 @@ def test_stream_path_bookkeeping(packed4, monkeypatch, staging, serial):
     sim = simulate_tiers("lru", [[(layer, e) for e in experts] for layer, experts in t], 5, 6, True)
     v, h = c.tier_stats()["vram"], c.tier_stats()["host"]
     assert (v["hits"], h["hits"], v["demotions"]) == (sim["vram_hits"], sim["host_hits"], sim["demotions"])
-    assert len(c.side.waited) == v["demotions"] > 0
+    if pinned:  # also waits for copies down into a buffer that goes back up; no staging buffer used
+        assert len(c.side.waited) >= v["demotions"] > 0 and c.tier.direct_uploads == v["misses"]
+        assert not any(c._stage_events) and c.host._busy
+    else:
+        assert len(c.side.waited) == v["demotions"] > 0 and c.tier.direct_uploads == 0
     for (layer, e), slot in c._where.items():
         assert torch.equal(c.pool[slot, : c.record_bytes], read_record(ix, layer, e))
+    for key in c.host._cache:
+        raw = torch.empty(0, dtype=torch.uint8).set_(host_record(c, key), 0, (c.record_bytes,))
+        assert torch.equal(raw, read_record(ix, *key))
     (vl, ve), new = next(iter(c.policy._order)), next(k for k in [(3, e) for e in range(8)] if k not in c._where)
     c.pool[c._where[(vl, ve)], 9] ^= 0xFF  # the LRU victim of the next batch: its move down fails
     monkeypatch.setattr(FakeEvent, "never_ready", True)
