@@ -294,11 +294,14 @@ class CudaPin:
     from the host tier's own buffers and records moving down from VRAM land in them, with no host copy."""
 
     def __init__(self):
-        self.rt = torch.cuda.cudart()
+        try:
+            self.rt = torch.cuda.cudart()
+        except Exception:  # noqa: BLE001 (then every buffer goes through staging)
+            self.rt = None
 
     def __call__(self, addr: int, nbytes: int) -> bool:
         try:
-            return int(self.rt.cudaHostRegister(addr, nbytes, 0)) == 0
+            return self.rt is not None and int(self.rt.cudaHostRegister(addr, nbytes, 0)) == 0
         except Exception:  # noqa: BLE001 (no such call in this torch build, or a driver refusal)
             return False
 
