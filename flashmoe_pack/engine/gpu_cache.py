@@ -301,7 +301,7 @@ class CudaPin:
 
     def __call__(self, addr: int, nbytes: int) -> bool:
         try:
-            return self.rt is not None and int(self.rt.cudaHostRegister(addr, nbytes, 0)) == 0
+            return self.rt is not None and str(self.rt.cudaHostRegister(addr, nbytes, 0)) in ("0", "cudaError.success")
         except Exception:  # noqa: BLE001 (no such call in this torch build, or a driver refusal)
             return False
 
