@@ -420,6 +420,11 @@ def engine_run(spec: dict) -> dict:
             "combined_hit": (vh + hh) / (vh + vm) if vh + vm else 0.0,
             "demotions_per_tok": d("vram", "demotions") / max(n, 1),
             "direct_uploads_per_tok": d("vram", "direct_uploads") / max(n, 1),
+            # where a decode token's host time goes: the whole fetch (lookups, reads, copies, moves down), the
+            # part spent waiting for reads, and waiting for staging buffers
+            "fetch_s_per_tok": d("vram", "fetch_seconds") / max(n, 1),
+            "read_wait_s_per_tok": d("disk", "wait_seconds") / max(n, 1),
+            "stage_wait_s_per_tok": d("vram", "stage_wait_seconds") / max(n, 1),
             "pinned_buffers": b["host"]["pinned_buffers"],
             "demote_s_per_tok": d("vram", "demote_seconds") / max(n, 1),
         })

@@ -432,12 +432,13 @@ class GpuExpertCache:
                      "slots": self.n_slots, "slot_bytes": self.slot_bytes, "evictions": self.tier.evictions,
                      "h2d_bytes": self.tier.h2d_bytes, "direct_uploads": self.tier.direct_uploads,
                      "demotions": self.tier.demotions,
-                     "down_bytes": self.tier.down_bytes, "demote_seconds": self.tier.demote_seconds},
+                     "down_bytes": self.tier.down_bytes, "demote_seconds": self.tier.demote_seconds,
+                     "fetch_seconds": self.tier.fetch_seconds, "stage_wait_seconds": self.tier.stage_wait_seconds},
             "host": {"hits": h.hits, "misses": h.misses, "hit_rate": h.hit_rate,
                      "budget_bytes": self.host.cache_bytes, "cached_bytes": self.host.cached_bytes,
                      "pinned_buffers": len(self.host._pinned)},
             "disk": {"bytes": h.bytes_read, "reads": h.reads, "read_seconds": h.read_seconds,
-                     "verify_seconds": h.verify_seconds, "direct": self.host.direct},
+                     "verify_seconds": h.verify_seconds, "wait_seconds": h.wait_seconds, "direct": self.host.direct},
         }
 
     def tier_report(self) -> str:
