@@ -183,21 +183,37 @@ def _conftest():
     return conf
 
 
+PYTEST_PHASES = (  # the tiers first (the page-locked host tier runs for real only here), then the kernels
+    ("tiers", ["tests/test_gpu_tiers.py", "tests/test_cuda_backend.py"]),
+    ("kernels", ["tests/test_triton_layers.py", "tests/test_triton_kernels.py"]),
+)
+
+
 def pytest_gpu(out_dir: Path, timeout: float) -> dict:
-    """The GPU tests, within what is left of the budget. On the H200 (16 cores), 2026-12-02: these four files
+    """The GPU tests, within what is left of the budget, in two phases (PYTEST_PHASES), so that a budget too
+    short for all of them still runs the tiers' tests. On the H200 (16 cores), 2026-12-02: the four files
     under 16 xdist workers did not finish in 300 s; test_triton_layers + test_gpu_tiers under 8 took 125 s."""
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_triton_kernels.py",
-           "tests/test_cuda_backend.py", "tests/test_triton_layers.py", "tests/test_gpu_tiers.py"]
-    if importlib.util.find_spec("xdist"):
-        cmd += ["-n", "8"]
-    try:
-        p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired as e:
-        log_ = "".join(x.decode(errors="replace") if isinstance(x, bytes) else x for x in (e.stdout, e.stderr) if x)
-        (out_dir / "pytest.log").write_text(log_)
-        return {"rc": None, "error": f"timed out after {timeout:.0f} s", "tail": log_[-1500:]}
-    (out_dir / "pytest.log").write_text(p.stdout + p.stderr)
-    return {"rc": p.returncode, "tail": (p.stdout + p.stderr)[-1500:]}
+    out, t_end = {}, time.perf_counter() + timeout
+    for name, files in PYTEST_PHASES:
+        left = t_end - time.perf_counter()
+        if left < 20:
+            out[name] = {"rc": None, "error": "no time left"}
+            continue
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files]
+        if importlib.util.find_spec("xdist"):
+            cmd += ["-n", "8"]
+        try:
+            p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=left)
+        except subprocess.TimeoutExpired as e:
+            log_ = "".join(x.decode(errors="replace") if isinstance(x, bytes) else x for x in (e.stdout, e.stderr) if x)
+            (out_dir / f"pytest_{name}.log").write_text(log_)
+            out[name] = {"rc": None, "error": f"timed out after {left:.0f} s", "tail": log_[-1500:]}
+            continue
+        (out_dir / f"pytest_{name}.log").write_text(p.stdout + p.stderr)
+        out[name] = {"rc": p.returncode, "tail": (p.stdout + p.stderr)[-1500:]}
+    rcs = [r.get("rc") for r in out.values()]
+    out["rc"] = None if None in rcs else max(rcs)  # None: a phase did not finish
+    return out
 
 
 # ---------------------------------------------------------------------------------------- kernels
@@ -420,7 +436,9 @@ def summary(res: dict) -> None:
     for k, v in res.get("conformance", {}).items():
         print(f"{k}:", {a: _r(b) for a, b in v.items()} if isinstance(v, dict) else _r(v))
     if "pytest" in res:
-        print("pytest rc", res["pytest"].get("rc"), res["pytest"].get("tail", "")[-200:])
+        for name, _ in PYTEST_PHASES:
+            r = res["pytest"].get(name, {})
+            print(f"pytest {name} rc", r.get("rc"), r.get("error", ""), r.get("tail", "")[-200:])
     for k, v in res.get("kernels", {}).items():
         print(k, {a: round(b, 1) if isinstance(b, float) else b for a, b in v.items()})
     print("picked", res.get("picked_decode_cfg"), "sdpa", {k: _r(v.get("first_call_ms_median")) for k, v in

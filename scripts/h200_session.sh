@@ -78,7 +78,7 @@ pipeline() {
     step "gpu_check"
     [ "$DRY" = 1 ] || skip gpu_check || python3 scripts/gpu_check.py --out "$D/results" --skip-ncu --budget-s "${GPU_CHECK_S:-420}" \
         >"$D/results/gpu_check.log" 2>&1
-    step "gpu_check rc $? ($(grep -o "pytest rc [^ ]*" "$D/results/gpu_check.log" 2>/dev/null))"
+    step "gpu_check rc $? ($(grep -o "pytest [a-z]* rc [^ ]*" "$D/results/gpu_check.log" 2>/dev/null | tr '\n' ' '))"
     # a model-level failure on the GPU (new kernels run there for the first time): benchmark the torch path
     if [ "$DRY" != 1 ] && ! skip gpu_check && ! python3 -c "import json, sys; r = json.load(open('$D/results/gpu_check.json'))
 sys.exit(any('error' in str(r.get(k, {}))[:20] or not r.get(k) for k in ('conformance', 'graph')))"; then
