@@ -64,6 +64,10 @@ sys.path.insert(0, str(ROOT))
 
 ISSUE_LAYERS, ISSUE_GPU_LAYERS, ISSUE_GGUF_BYTES, ISSUE_HOST = 14, 3, 54.9e9, 24e9
 SHORT_PROMPT = 16  # streaming runs after the first K: decode only, after this prompt
+# --ab: name -> (environment variable, value that turns the feature off, what the table calls the feature)
+AB = {"overlap": ("FLASHMOE_CUDA_SERIAL", "1", "overlap"),
+      "pinned": ("FLASHMOE_CUDA_PINNED_HOST", "0", "page-locked host tier"),
+      "exclusive": ("FLASHMOE_CUDA_EXCLUSIVE", "0", "exclusive tiers")}
 CG = Path("/sys/fs/cgroup/fmp-bench")
 T0 = time.perf_counter()
 
@@ -587,13 +591,16 @@ def main():
     ap.add_argument("--cold-ttft", action="store_true",
                     help="flashmoe: time the prompt from empty tiers (default: after a warm-up prompt of the same "
                     "length, as llama-bench times its prompt after a warm-up run)")
-    ap.add_argument("--overlap-ab", action="store_true",
-                    help="also run flashmoe streaming with FLASHMOE_CUDA_SERIAL=1 (what overlapping reads, copies "
-                    "and kernels buys)")
+    ap.add_argument("--ab", nargs="+", default=[], choices=list(AB),
+                    help="also run flashmoe streaming with one switch off each: " +
+                         "; ".join(f"{k}: {v[0]}=1" if v[1] == "1" else f"{k}: {v[0]}={v[1]}" for k, v in AB.items()))
+    ap.add_argument("--overlap-ab", action="store_true", help="the same as --ab overlap")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                     help="cpu: a dry run of the whole script on CPU tensors (Triton's interpreter), for tiny models")
     ap.add_argument("--engine-run", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.overlap_ab and "overlap" not in args.ab:
+        args.ab.insert(0, "overlap")
     if args.device == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")
     if args.engine_run:
@@ -661,10 +668,10 @@ def main():
             res[f"flashmoe_stream_K{k}"] = run_flashmoe(args, spec, limited, 600)
             log(json.dumps(res[f"flashmoe_stream_K{k}"])[:600])
             save()
-            if args.overlap_ab:
-                log("flashmoe stream, serial, K", k)
-                res[f"flashmoe_serial_K{k}"] = run_flashmoe(
-                    args, {**spec, "env": {"FLASHMOE_CUDA_SERIAL": "1"}}, limited, 600)
+            for name in args.ab:
+                var, val = AB[name][:2]
+                log(f"flashmoe stream, {var}={val}, K", k)
+                res[f"flashmoe_ab_{name}_K{k}"] = run_flashmoe(args, {**spec, "env": {var: val}}, limited, 600)
                 save()
     if "llama" not in args.skip and "stream" not in args.skip:
         for i, k in enumerate(args.k):
@@ -732,13 +739,16 @@ def table(res: dict, args) -> str:
                         f"{_f(f)} | {r['decode_tok_s'] / f * 100:.0f}% |")
         elif f"flashmoe_stream_K{k}" in res:
             rows.append(f"| streaming | flashmoe | {k} | failed: {str(res[f'flashmoe_stream_K{k}'])[:200]} |")
-        r0 = (res.get(f"flashmoe_serial_K{k}", {}).get("runs") or [None])[0]
-        if r and r0:
-            rows.append(f"| streaming, no overlap | flashmoe | {k} | {_f(r0['decode_tok_s'])} | "
-                        f"{_f(ttft(r0, args), '{:.1f}')} | {r0['vram_hit'] * 100:.0f}% | {r0['host_hit'] * 100:.0f}% | "
-                        f"{r0['disk_bytes_per_tok'] / 1e6:.0f} | {_f(r0['disk_GB_s'])} | {_f(r0['pcie_GB_s'])} | "
-                        f"- | overlap buys {r['decode_tok_s'] / r0['decode_tok_s']:.2f}x decode, "
-                        f"{r0['ttft_s'] / r['ttft_s']:.2f}x TTFT |")
+        for name, (_, _, what) in AB.items():
+            r0 = (res.get(f"flashmoe_ab_{name}_K{k}", res.get(f"flashmoe_serial_K{k}", {}) if name == "overlap"
+                          else {}).get("runs") or [None])[0]
+            if r and r0:
+                rows.append(f"| streaming, no {what} | flashmoe | {k} | {_f(r0['decode_tok_s'])} | "
+                            f"{_f(ttft(r0, args), '{:.1f}')} | {r0['vram_hit'] * 100:.0f}% | "
+                            f"{r0['host_hit'] * 100:.0f}% | {r0['disk_bytes_per_tok'] / 1e6:.0f} | "
+                            f"{_f(r0['disk_GB_s'])} | {_f(r0['pcie_GB_s'])} | - | {what} buys "
+                            f"{r['decode_tok_s'] / r0['decode_tok_s']:.2f}x decode, "
+                            f"{r0['ttft_s'] / r['ttft_s']:.2f}x TTFT |")
         q = res.get(f"llama_stream_K{k}")
         if q and "decode_tok_s" in q:
             f = fl["llama.cpp"][k]["tok_s"]

@@ -14,7 +14,8 @@
 #   2. bench_cuda.py, streaming and fully resident, llama.cpp on the GGUF; the GGUF deleted, the pack of the
 #      same weights written; bench_cuda.py --merge, flashmoe-pack (with a profile of the resident step):
 #      one format at a time, since both formats of 12 layers (47 + 56 GB) do not fit the 64 GB disk together;
-#   3. on 2 layers: flashmoe-pack streaming with and without overlap (FLASHMOE_CUDA_SERIAL=1), and the naive
+#   3. on 2 layers: flashmoe-pack streaming with and without overlap (FLASHMOE_CUDA_SERIAL=1) and the
+#      page-locked host tier (FLASHMOE_CUDA_PINNED_HOST=0), and the naive
 #      baseline, transformers + accelerate offload, on the same 2 layers;
 #   4. fully resident, Qwen3.5-35B-A3B geometry (40 layers, K=8), both formats.
 # Results: $D/results/{stream,q35,two}/bench_cuda.{json,md}, transformers/, gpu_check.json, copied to $OUT.
@@ -105,7 +106,7 @@ sys.exit(any('error' in str(r.get(k, {}))[:20] or not r.get(k) for k in ('confor
     if ! skip two; then
     local T=$D/m2
     nice -n 5 python3 scripts/make_synthetic.py "$T" --geometry $GEO --layers 2 --jobs 2 >"$D/results/gen3.log" 2>&1
-    python3 scripts/bench_cuda.py "$T" "$T.gguf" --out "$D/results/two" --skip resident --gpu-layers 1 --overlap-ab \
+    python3 scripts/bench_cuda.py "$T" "$T.gguf" --out "$D/results/two" --skip resident --gpu-layers 1 --ab overlap pinned \
         --mem-limit 5.18e9 --device $DEV --k $KS $SMALL >"$D/results/two.log" 2>&1
     step "flashmoe 2 layers rc $?"
     python3 scripts/bench_transformers.py export "$T" "$D/hf2" --layers 2 --jobs 16 >"$D/results/export.log" 2>&1

@@ -96,7 +96,9 @@ def test_one_format_at_a_time_merges(synth, tmp_path, monkeypatch):
                 "disk_GB_s": 0.5, "pcie_rx_MB_s_dmon": None}
 
     def fake_flashmoe(args, spec, limited, timeout):
-        ran.append(("flashmoe", spec["ks"][0], spec.get("env", {}).get("FLASHMOE_CUDA_SERIAL"), spec["prompt"]))
+        env = spec.get("env", {})
+        ab = "pinned" if env.get("FLASHMOE_CUDA_PINNED_HOST") == "0" else env.get("FLASHMOE_CUDA_SERIAL")
+        ran.append(("flashmoe", spec["ks"][0], ab, spec["prompt"]))
         return {"runs": [{"K": spec["ks"][0], "prompt": spec["prompt"], "decode_tok_s": 3.0, "ttft_s": 8.0,
                           "vram_hit": 0.2, "host_hit": 0.3,
                           "combined_hit": 0.44, "disk_bytes_per_tok": 5e5, "disk_GB_s": 0.6, "pcie_GB_s": 1.0,
@@ -105,21 +107,23 @@ def test_one_format_at_a_time_merges(synth, tmp_path, monkeypatch):
     monkeypatch.setattr(bc, "run_llama", fake_llama)
     monkeypatch.setattr(bc, "run_flashmoe", fake_flashmoe)
     argv = ["bench_cuda.py", str(d / "m"), str(d / "m.gguf"), "--llama-bench", str(lb), "--out", str(tmp_path / "o"),
-            "--merge", "--skip", "resident", "--k", "2", "1", "--overlap-ab", "--ttft-first-k-only"]
+            "--merge", "--skip", "resident", "--k", "2", "1", "--overlap-ab", "--ttft-first-k-only", "--ab", "pinned"]
     monkeypatch.setattr(sys, "argv", argv)
     bc.main()  # phase 1: the GGUF alone
     assert ran == [("llama", 2, 512), ("llama", 1, 0)]  # the prompt timed at the first K only
     (d / "m.gguf").unlink()
     shutil.copytree(out, d / "m")
     bc.main()  # phase 2: the pack alone, merged
-    assert ran[2:] == [("flashmoe", 2, None, 512), ("flashmoe", 2, "1", 512),
-                       ("flashmoe", 1, None, bc.SHORT_PROMPT), ("flashmoe", 1, "1", bc.SHORT_PROMPT)]
+    assert ran[2:] == [("flashmoe", 2, None, 512), ("flashmoe", 2, "1", 512), ("flashmoe", 2, "pinned", 512),
+                       ("flashmoe", 1, None, bc.SHORT_PROMPT), ("flashmoe", 1, "1", bc.SHORT_PROMPT),
+                       ("flashmoe", 1, "pinned", bc.SHORT_PROMPT)]
     res = json.loads((tmp_path / "o" / "bench_cuda.json").read_text())
     assert [ph["engines"] for ph in res["phases"]] == [["llama.cpp"], ["flashmoe"]]
     assert set(res["floors"]) == {"flashmoe", "llama.cpp"} and not res["gguf_bytes_estimated"]
     table = (tmp_path / "o" / "bench_cuda.md").read_text()
     assert table.count("| streaming | flashmoe |") == 2 and table.count("| streaming | llama.cpp |") == 2
     assert table.count("| streaming, no overlap | flashmoe |") == 2 and "overlap buys 1.00x decode" in table
+    assert table.count("| streaming, no page-locked host tier | flashmoe |") == 2
     assert "llama.cpp: " in table and "flashmoe: " in table  # each phase's disk speed
     ttfts = [row.split(" | ")[4] for row in table.splitlines() if row.startswith("| streaming | ")]
     assert ttfts == ["8.0", "9.0", "-", "-"]  # K=2: flashmoe, llama.cpp; K=1 decoded after a short prompt
