@@ -237,11 +237,11 @@ def test_scans_keep_what_the_tiers_hold(packed4):
     # scans between decode batches: every counter equals simulate_tiers' (LRU and LFU)
     t = [(layer, list(range(n))) for layer in layers] + trace(ix, 40, seed=5)
     t += [(layer, list(range(n))) for layer in layers] + trace(ix, 40, seed=6)
-    for policy in ("lru", "lfu"):
-        c = cache(ix, slots=16, host=8, scan_batch=4, policy=policy)
+    for policy, exclusive in (("lru", True), ("lfu", True), ("lru", False)):
+        c = cache(ix, slots=16, host=8, scan_batch=4, policy=policy, exclusive=exclusive)
         for layer, experts in t:
             c.slots(layer, experts)
-        sim = simulate_tiers(policy, [[(layer, e) for e in ex] for layer, ex in t], 16, 8, True, scan_batch=4)
+        sim = simulate_tiers(policy, [[(layer, e) for e in ex] for layer, ex in t], 16, 8, exclusive, scan_batch=4)
         got = (c.vram.hits, c.host.stats.hits, c.host.stats.reads, c.tier.demotions)
         assert got == (sim["vram_hits"], sim["host_hits"], sim["disk_reads"], sim["demotions"]), (policy, got, sim)
         c.close()

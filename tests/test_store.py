@@ -79,6 +79,28 @@ def test_stream_hits_first_then_completion_order(small):
     st.close()
 
 
+def test_scan_keeps_what_the_cache_holds(small):
+    """A prefill streams (nearly) every expert of each layer in turn: a cyclic scan through more records than
+    the cache holds. Scans cache reads only into free room, so the next scan hits what the cache held; LRU
+    would have replaced it all before reuse."""
+    ix = load_index(small)
+    layers, n = [e["layer"] for e in ix.layers], ix.num_experts
+    rb = fmt.align_up(ix.layout.record_bytes, 4096)
+    for scan_batch, want in ((n + 1, [len(layers) * n] * 3), (n - 1, [len(layers) * n] + [len(layers) * n - 12] * 2)):
+        st = ExpertStore(ix, cache_bytes=12 * rb, threads=1, scan_batch=scan_batch)
+        reads = []
+        for _ in range(3):
+            r0 = st.stats.reads
+            for layer in layers:
+                got = dict(st.stream(layer, list(range(n))))
+                assert torch.equal(dequantize(got[n - 1].down), _ref(ix, layer, n - 1))
+            reads.append(st.stats.reads - r0)
+        assert reads == want and st.cached_bytes == 12 * rb, (scan_batch, reads)
+        dict(st.stream(layers[-1], [0]))  # not a scan: LRU as before (evicts the oldest, inserts the read)
+        assert (layers[-1], 0) in st._cache and st.cached_bytes == 12 * rb
+        st.close()
+
+
 def test_compute_starts_before_all_reads_finish(small):
     ix = load_index(small)
     st = SlowStore(ix, cache_bytes=0, threads=4, delays={0: 0.0, 1: 0.5, 2: 0.5})

@@ -259,8 +259,9 @@ def simulate_tiers(policy: str, trace: list[list], n_slots: int, host_slots: int
             else:
                 read.append(key)
         for key in [victims[k] for k in up + read if k in victims] if exclusive else read:
-            # exclusive: a victim moves down as its slot is filled (a transient one only into free room)
-            kept = host_insert(key, evict=key not in scan_down)
+            # exclusive: a victim moves down as its slot is filled (a transient one only into free room);
+            # inclusive: a read is kept in host RAM (a scan's only into free room, as ExpertStore does)
+            kept = host_insert(key, evict=key not in scan_down if exclusive else not scan)
             n["demotions"] += count * (exclusive and kept)
         n["host_hits"] += count * len(up)
         n["disk_reads"] += count * len(read)
@@ -583,7 +584,7 @@ class GpuExpertCache:
             for g in range(0, len(experts), step):
                 group = experts[g : g + step]
                 # raises FormatError naming the record
-                records = self.host.stream(layer, group, keep=not self.exclusive, hold=self.serial)
+                records = self.host.stream(layer, group, keep=not self.exclusive, hold=self.serial, scan=scan)
                 first = next(records)  # the host tier's lookups are done (exclusive: hits taken), reads started
                 if self.serial:  # every read done first; the generator stays open, so held buffers stay valid
                     rest = [next(records) for _ in range(len(group) - 1)]

@@ -332,7 +332,7 @@ class ExpertStore:
 
     def __init__(self, index: PackedIndex, cache_bytes: int | str = 1 << 30, io: str = "os", threads: int = 8,
                  verify_reads: bool = True, device: str | torch.device = "cpu", inflight: int | None = None,
-                 resident_bytes: int = 0, pin=None):
+                 resident_bytes: int = 0, pin=None, scan_batch: int | None = None):
         """cache_bytes: byte budget of the LRU cache, or "auto" (`auto_cache_budget`, which subtracts
         `resident_bytes`). io: "os", "direct" or "auto" (`resolve_io`); `io_mode` is what is in effect."""
         if io not in ("auto", "os", "direct"):
@@ -353,6 +353,10 @@ class ExpertStore:
         # from the device run from it directly (GpuExpertCache); pinned buffers are kept, never unmapped, and
         # reused oldest-freed first, after the event of the last asynchronous copy using them (`guard`)
         self._pin = pin
+        # a stream() of more than scan_batch experts (a prefill's layer: nearly all of them) is a scan: its
+        # reads are cached only into free room, so a scan through more records than the cache holds keeps
+        # what it held instead of replacing everything before reuse (LRU on a cyclic scan hits nothing)
+        self.scan_batch = max(16, index.num_experts // 4) if scan_batch is None else int(scan_batch)
         self._pinned: dict[int, mmap.mmap] = {}  # address -> buffer, registered
         self._addr: dict[int, int] = {}  # id(buffer) -> address, pinned buffers
         self._busy: dict[int, object] = {}  # address -> event of an asynchronous copy still using the buffer
@@ -549,8 +553,8 @@ class ExpertStore:
                     self.stats.misses += 1
         return hits, missing
 
-    def stream(self, layer: int, experts: list[int], pin: bool = False,
-               hold: bool = False, keep: bool = True) -> Iterator[tuple[int, ExpertWeights]]:
+    def stream(self, layer: int, experts: list[int], pin: bool = False, hold: bool = False, keep: bool = True,
+               scan: bool | None = None) -> Iterator[tuple[int, ExpertWeights]]:
         """Yield (expert, weights) for each of `experts`: cache hits first, then misses in the order
         their reads complete. Reads start at once, at most `inflight` at a time. The weights of one
         step may be reused for another read once the caller asks for the next step (pin=True: they
@@ -558,8 +562,11 @@ class ExpertStore:
         expert instead of `inflight`). keep=False is for an exclusive tier above this one (the VRAM
         cache), which takes the records: hits leave the cache, reads are not inserted, and both buffers
         are recycled once the caller is done with them; the default (keep=True) is unchanged.
+        scan: reads cached only into free room (None: when more than scan_batch experts are asked for).
         Raises FormatError (naming file, layer, expert) on a bad read."""
         hits, missing = self._lookup(layer, experts, keep)
+        if scan is None:
+            scan = len(hits) + len(missing) > self.scan_batch
         held: list[_Entry] = []
         done: queue.SimpleQueue = queue.SimpleQueue()
         todo = iter(missing)
@@ -600,7 +607,7 @@ class ExpertStore:
                 entry = fut.result()  # re-raises FormatError from the reader thread
                 entry.leases = 1
                 if keep:
-                    self._insert((layer, e), entry)
+                    self._insert((layer, e), entry, evict=not scan)
                 try:
                     yield e, entry.weights
                 finally:
@@ -695,12 +702,14 @@ class ExpertStore:
         self._insert((layer, expert), _Entry(decode_record(raw, self.index), buf))
         return True
 
-    def _insert(self, key: tuple[int, int], entry: _Entry) -> None:
+    def _insert(self, key: tuple[int, int], entry: _Entry, evict: bool = True) -> None:
         size = self.read_bytes
         if size > self.cache_bytes:
             return
         evicted = []
         with self._lock:
+            if not evict and self._cached_bytes + size > self.cache_bytes:
+                return  # a scan's read: only into free room
             while self._cached_bytes + size > self.cache_bytes and self._cache:
                 _, old = self._cache.popitem(last=False)  # LRU eviction
                 old.cached = False
