@@ -458,7 +458,8 @@ def summary(res: dict) -> None:
             r = res["pytest"].get(name, {})
             print(f"pytest {name} rc", r.get("rc"), r.get("error", ""), r.get("tail", "")[-200:])
     for k, v in res.get("kernels", {}).items():
-        print(k, {a: round(b, 1) if isinstance(b, float) else b for a, b in v.items()})
+        print(k, {a: round(b, 1) if isinstance(b, float) else b for a, b in v.items()} if isinstance(v, dict)
+              else str(v)[-400:])
     print("picked", res.get("picked_decode_cfg"), "sdpa", {k: _r(v.get("first_call_ms_median")) for k, v in
                                                   res.get("sdpa", {}).items() if isinstance(v, dict)})
     b = res.get("bench", {})
