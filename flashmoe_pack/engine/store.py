@@ -444,11 +444,8 @@ class ExpertStore:
         with self._lock:
             if self._free:
                 buf = self._free.pop(0 if self._pin else -1)  # pinned: the oldest freed, its copies long done
-                ev = self._busy.pop(self._addr.get(id(buf), -1), None)
         if buf is not None:
-            if ev is not None:
-                ev.synchronize()
-            return buf
+            return self._ready(buf)
         # private anonymous mapping: page-aligned, as O_DIRECT requires
         buf = mmap.mmap(-1, self.read_bytes, flags=mmap.MAP_PRIVATE)
         if self._pin is not None:
@@ -456,6 +453,14 @@ class ExpertStore:
             if self._pin(addr, self.read_bytes):
                 with self._lock:
                     self._pinned[addr], self._addr[id(buf)] = buf, addr
+        return buf
+
+    def _ready(self, buf: mmap.mmap) -> mmap.mmap:
+        """buf, once the last asynchronous copy using it (a pinned buffer's `guard` event) is done."""
+        with self._lock:
+            ev = self._busy.pop(self._addr.get(id(buf), -1), None)
+        if ev is not None:
+            ev.synchronize()
         return buf
 
     def _free_buf(self, buf: mmap.mmap) -> None:
@@ -676,12 +681,7 @@ class ExpertStore:
                     evicted = None
         if evicted is not None:
             self._recycle(evicted)
-        if buf is not None:
-            ev = self._busy.pop(self._addr.get(id(buf), -1), None)
-            if ev is not None:
-                ev.synchronize()
-            return buf
-        return self._acquire()
+        return self._acquire() if buf is None else self._ready(buf)
 
     def adopt(self, layer: int, expert: int, buf: mmap.mmap, verify: bool = True, event=None) -> bool:
         """Insert `buf` (from take_buffer, holding the record, or about to once `event` is done: an
