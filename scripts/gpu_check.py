@@ -271,6 +271,22 @@ DECODE_SWEEP = {4: [(8, 1024, 4), (4, 1024, 2), (8, 2048, 4), (16, 1024, 4), (8,
                 8: [(8, 512, 4), (8, 1024, 4), (4, 512, 2), (8, 512, 4, 2), (16, 256, 4, 2)]}
 
 
+def _sweep_decode(tk, table, lay, configs, name: str, out: dict) -> None:
+    """Time each decode launch config at K=10 and K=4 (32 random expert sets each) into out[name_K|cfg],
+    each output checked against the first config's."""
+    for k in (10, 4):
+        g = torch.Generator(device="cuda").manual_seed(k)
+        aexps = [torch.randperm(512, generator=g, device="cuda")[:k].to(torch.int32) for _ in range(32)]
+        x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
+        rw = torch.full((k,), 1.0 / k, device="cuda")
+        ref = None
+        for c in configs:
+            r = _time_decode(tk, x, table, aexps, rw, k, c, k * lay.record_bytes, ref)
+            y = r.pop("y")
+            ref = y if ref is None else ref
+            out[f"{name}_K{k}|{list(c)}"] = r
+
+
 def kernel_bench() -> dict:
     """Decode launch configs per bits (K=10, K=4) and prefill GEMM tiles, at Qwen3.5-397B geometry."""
     from flashmoe_pack.backends import triton_kernels as tk
@@ -280,17 +296,7 @@ def kernel_bench() -> dict:
     for bits in (4, 2, 8):
         pool, lay = _pool(bits)
         table = slot_table(pool, lay, list(range(pool.shape[0])), bits, 64, 4096, 1024)
-        for k in (10, 4):
-            g = torch.Generator(device="cuda").manual_seed(k)
-            aexps = [torch.randperm(512, generator=g, device="cuda")[:k].to(torch.int32) for _ in range(32)]
-            x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
-            rw = torch.full((k,), 1.0 / k, device="cuda")
-            ref = None
-            for c in DECODE_SWEEP[bits]:
-                r = _time_decode(tk, x, table, aexps, rw, k, c, k * lay.record_bytes, ref)
-                y = r.pop("y")
-                ref = y if ref is None else ref
-                out[f"decode_q{bits}_K{k}|{list(c)}"] = r
+        _sweep_decode(tk, table, lay, DECODE_SWEEP[bits], f"decode_q{bits}", out)
         if bits == 4:  # prefill: grouped GEMM, many tokens per layer
             for t in (512, 2048):
                 x = torch.randn(t, 4096, device="cuda", dtype=torch.bfloat16)
@@ -310,17 +316,8 @@ def kernel_bench() -> dict:
     try:  # an error here keeps the results above
         pool, lay = _pool(4, group=32)
         table = slot_table(pool, lay, list(range(pool.shape[0])), 4, 32, 4096, 1024)
-        for k in (10, 4):
-            g = torch.Generator(device="cuda").manual_seed(k)
-            aexps = [torch.randperm(512, generator=g, device="cuda")[:k].to(torch.int32) for _ in range(32)]
-            x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
-            rw = torch.full((k,), 1.0 / k, device="cuda")
-            ref = None
-            for c in [(8, 1024, 4), (8, 1024, 4, 2), (8, 512, 2, 2), (16, 512, 4, 2)]:
-                r = _time_decode(tk, x, table, aexps, rw, k, c, k * lay.record_bytes, ref)
-                y = r.pop("y")
-                ref = y if ref is None else ref
-                out[f"decode_q4g32_K{k}|{list(c)}"] = r
+        _sweep_decode(tk, table, lay, [(8, 1024, 4), (8, 1024, 4, 2), (8, 512, 2, 2), (16, 512, 4, 2)],
+                      "decode_q4g32", out)
     except Exception:  # noqa: BLE001
         out["decode_q4g32_error"] = traceback.format_exc()
     return out
