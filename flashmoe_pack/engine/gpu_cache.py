@@ -688,10 +688,7 @@ class GpuExpertCache:
                     ev = torch.cuda.Event()
                     ev.record(self.down)
                 del dst
-                self.host.adopt(key[0], key[1], buf, verify=self.verify_demotions, event=ev)
-                self.tier.demotions += 1
-                self.tier.down_bytes += self.record_bytes
-                self.tier.demote_seconds += time.perf_counter() - t0
+                self._moved_down(self.host.adopt(key[0], key[1], buf, verify=self.verify_demotions, event=ev), t0)
                 return ev
             del dst  # the driver refused to register it: through staging, the buffer back
             self.host._free_buf(buf)
@@ -728,7 +725,11 @@ class GpuExpertCache:
         t0 = time.perf_counter()
         evict = key not in self._scan_down
         self._scan_down.discard(key)
-        if self.host.put(key[0], key[1], record, verify=self.verify_demotions, evict=evict):
+        self._moved_down(self.host.put(key[0], key[1], record, verify=self.verify_demotions, evict=evict), t0)
+
+    def _moved_down(self, kept: bool, t0: float) -> None:
+        """Counters of one move down (kept: the host tier took the record), host time since t0."""
+        if kept:
             self.tier.demotions += 1
             self.tier.down_bytes += self.record_bytes
         self.tier.demote_seconds += time.perf_counter() - t0
