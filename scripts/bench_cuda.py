@@ -436,8 +436,10 @@ def engine_run(spec: dict) -> dict:
             r["decode_tok_s_excl_capture"] = n / (st.decode_s - r["graph"]["capture_s"])
         out["runs"].append(r)
         print(json.dumps(r), file=sys.stderr, flush=True)
-    if spec.get("profile"):
-        out["profile"] = profile_decode(m, spec["profile"], sync)
+    if spec.get("profile"):  # at each K, the first (the model's own) first: out["profile"] is that one's
+        for i, k in enumerate(spec["ks"]):
+            m.model.config.num_experts_per_tok = k
+            out["profile" if i == 0 else f"profile_K{k}"] = profile_decode(m, spec["profile"], sync) | {"K": k}
     import resource
 
     out["max_rss_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -470,10 +472,21 @@ def profile_decode(m, steps: int, sync) -> dict:
             tok = int(m.decode_step(tok, state).argmax())
         sync()
         out[f"ms_per_step_{name}"] = (time.perf_counter() - t) * 1e3 / steps
-    os.environ["FLASHMOE_CUDA_GRAPH"], os.environ["FLASHMOE_CUDA_LAYER_KERNELS"] = "0", "1"  # profile: eager
     acts = [torch.profiler.ProfilerActivity.CPU]
     if torch.cuda.is_available():
         acts.append(torch.profiler.ProfilerActivity.CUDA)
+        # the graphed step's kernels: how many, and their summed time against the step's wall time (the rest
+        # is gaps between kernels)
+        os.environ["FLASHMOE_CUDA_GRAPH"], os.environ["FLASHMOE_CUDA_LAYER_KERNELS"] = "1", "1"
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                tok = int(m.decode_step(tok, state).argmax())
+            sync()
+        kern = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        out["graph_kernels_per_step"] = len(kern) / steps
+        out["graph_kernel_ms_per_step"] = sum(e.device_time_total for e in kern) / 1e3 / steps
+        out["graph_top"] = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25)
+    os.environ["FLASHMOE_CUDA_GRAPH"], os.environ["FLASHMOE_CUDA_LAYER_KERNELS"] = "0", "1"  # profile: eager
     with torch.profiler.profile(activities=acts) as prof:
         for _ in range(steps):
             tok = int(m.decode_step(tok, state).argmax())

@@ -6,10 +6,13 @@
    transformers and the CPU path (max|diff| / max|logit|), with every expert in VRAM and with
    3 slots; quantized 8/4/2-bit GPU against the CPU quantized path (KL, top-1, greedy tokens);
    CUDA-graph decode against eager decode (tokens, logits, captures, ms per step).
-2. pytest of tests/test_triton_kernels.py and tests/test_cuda_backend.py on CUDA (the same files
-   run in the Triton interpreter on CPU CI; bfloat16 GEMM is only checked here).
-3. kernel timing at Qwen3.5-397B geometry (H=4096, I=1024, G=64, bf16 scales): decode K=10/4
-   (launch loop and CUDA-graph replay; a small q4 launch-config sweep), prefill GEMM.
+2. pytest on CUDA (the same files run in the Triton interpreter on CPU CI; bfloat16 GEMM is only checked
+   here): the tiers' tests (tests/test_gpu_tiers.py, tests/test_cuda_backend.py) right after conformance,
+   the kernels' tests (tests/test_triton_kernels.py, tests/test_triton_layers.py) last, in what is left.
+3. kernel timing at Qwen3.5-397B geometry (H=4096, I=1024, bf16 scales): the decode launch-config sweep
+   (DECODE_SWEEP, K=10/4, CUDA-graph replay) for q4/q2/q8 with 64-element groups and q4 with 32, each
+   output checked against the sweep's first config; the fastest per bits/group at K=10 is written to
+   --out/decode_configs.json (flashmoe_pack/backends/triton_kernels.py reads that format); prefill GEMM.
 The benchmark against llama.cpp is scripts/bench_cuda.py (its own run).
 """
 
@@ -189,12 +192,12 @@ PYTEST_PHASES = (  # the tiers first (the page-locked host tier runs for real on
 )
 
 
-def pytest_gpu(out_dir: Path, timeout: float) -> dict:
-    """The GPU tests, within what is left of the budget, in two phases (PYTEST_PHASES), so that a budget too
-    short for all of them still runs the tiers' tests. On the H200 (16 cores), 2026-12-02: the four files
-    under 16 xdist workers did not finish in 300 s; test_triton_layers + test_gpu_tiers under 8 took 125 s."""
+def pytest_gpu(out_dir: Path, timeout: float, phases=PYTEST_PHASES) -> dict:
+    """The GPU tests, within `timeout` seconds, phase by phase (PYTEST_PHASES), so that a budget too short for
+    all of them still runs the tiers' tests. On the H200 (16 cores), 2026-12-02: the four files under 16 xdist
+    workers did not finish in 300 s; test_triton_layers + test_gpu_tiers under 8 took 125 s."""
     out, t_end = {}, time.perf_counter() + timeout
-    for name, files in PYTEST_PHASES:
+    for name, files in phases:
         left = t_end - time.perf_counter()
         if left < 20:
             out[name] = {"rc": None, "error": "no time left"}
@@ -265,10 +268,16 @@ def _time_decode(tk, x, table, aexps, rw, k, cfg, nbytes, ref=None) -> dict:
             "max_rel_vs_first": err, "y": y}
 
 
-DECODE_SWEEP = {4: [(8, 1024, 4), (4, 1024, 2), (8, 2048, 4), (16, 1024, 4), (8, 1024, 8), (4, 2048, 4),
-                    (8, 1024, 4, 2), (16, 512, 4, 2), (32, 256, 4, 2), (8, 512, 2, 2)],  # ..., 2: _qmv2
-                2: [(8, 2048, 4), (8, 1024, 4), (4, 2048, 2), (8, 2048, 4, 2), (16, 1024, 4, 2)],
-                8: [(8, 512, 4), (8, 1024, 4), (4, 512, 2), (8, 512, 4, 2), (16, 256, 4, 2)]}
+# (rows, columns per step, warps, variant[, split]) per bits; the first of each list is the reference that the
+# others' outputs are checked against (the default before this sweep); variant 3 is _qmv3, split 1 the down
+# product with a program per assignment. Variant 1 (_qmv) lost every case on the H200 (2026-12-02) and is gone.
+_Q3 = [(8, 1024, 4, 3), (8, 1024, 4, 3, 1), (8, 512, 2, 3), (8, 512, 2, 3, 1), (16, 1024, 4, 3, 1),
+       (4, 1024, 2, 3, 1), (16, 512, 4, 3, 1), (8, 2048, 8, 3, 1), (8, 1024, 4, 2, 1)]
+DECODE_SWEEP = {4: [(8, 1024, 4, 2)] + _Q3,
+                2: [(8, 2048, 4, 2), (8, 2048, 4, 3), (8, 2048, 4, 3, 1), (8, 1024, 4, 3, 1), (16, 1024, 4, 3, 1),
+                    (4, 2048, 2, 3, 1)],
+                8: [(8, 512, 4, 2), (8, 512, 4, 3), (8, 512, 4, 3, 1), (4, 512, 2, 3, 1), (8, 256, 2, 3, 1),
+                    (16, 256, 4, 3, 1)]}
 
 
 def _sweep_decode(tk, table, lay, configs, name: str, out: dict) -> None:
@@ -296,7 +305,7 @@ def kernel_bench() -> dict:
     for bits in (4, 2, 8):
         pool, lay = _pool(bits)
         table = slot_table(pool, lay, list(range(pool.shape[0])), bits, 64, 4096, 1024)
-        _sweep_decode(tk, table, lay, DECODE_SWEEP[bits], f"decode_q{bits}", out)
+        _sweep_decode(tk, table, lay, DECODE_SWEEP[bits], f"decode_q{bits}g64", out)
         if bits == 4:  # prefill: grouped GEMM, many tokens per layer
             for t in (512, 2048):
                 x = torch.randn(t, 4096, device="cuda", dtype=torch.bfloat16)
@@ -316,21 +325,22 @@ def kernel_bench() -> dict:
     try:  # an error here keeps the results above
         pool, lay = _pool(4, group=32)
         table = slot_table(pool, lay, list(range(pool.shape[0])), 4, 32, 4096, 1024)
-        _sweep_decode(tk, table, lay, [(8, 1024, 4), (8, 1024, 4, 2), (8, 512, 2, 2), (16, 512, 4, 2)],
-                      "decode_q4g32", out)
+        _sweep_decode(tk, table, lay, DECODE_SWEEP[4], "decode_q4g32", out)
     except Exception:  # noqa: BLE001
         out["decode_q4g32_error"] = traceback.format_exc()
     return out
 
 
 def pick_best(kb: dict) -> dict:
-    """The fastest decode config per bits at K=10 (CUDA-graph time)."""
+    """The fastest decode config per "bits/group" at K=10 (CUDA-graph time) whose output matched the
+    reference config's, as triton_kernels.decode_cfg reads them (json lists)."""
     best = {}
-    for bits in (2, 4, 8):
-        dec = {k: v["graph_us"] for k, v in kb.items() if k.startswith(f"decode_q{bits}_K10|") and
-               isinstance(v.get("graph_us"), float) and (v.get("max_rel_vs_first") or 0.0) < 2e-2}
+    for bits, group in ((2, 64), (4, 64), (4, 32), (8, 64)):
+        pre = f"decode_q{bits}g{group}_K10|"
+        dec = {k: v["graph_us"] for k, v in kb.items() if k.startswith(pre) and
+               isinstance(v.get("graph_us"), float) and (v.get("max_rel_vs_first") or 0.0) < 1e-2}
         if dec:
-            best[bits] = tuple(json.loads(min(dec, key=dec.get).split("|")[1]))
+            best[f"{bits}/{group}"] = json.loads(min(dec, key=dec.get).split("|")[1])
     return best
 
 
@@ -424,15 +434,22 @@ def main():
         save()
     section(res, "graph", graph_check, tmp)
     save()
+    if not a.skip_tests:  # the tiers' tests first (the page-locked host tier runs for real only here)
+        section(res, "pytest_tiers", pytest_gpu, a.out, max(60.0, T0 + a.budget_s - time.perf_counter() - 300),
+                PYTEST_PHASES[:1])
+        save()
     if not a.skip_kernels:
         section(res, "kernels", kernel_bench)
         save()
         best = pick_best(res.get("kernels", {}))
         res["picked_decode_cfg"] = best
+        if best:  # the tuned-configs file (triton_kernels.TUNED_FILE's format) for this GPU
+            (a.out / "decode_configs.json").write_text(json.dumps({res["env"]["gpu"]: best}, indent=1) + "\n")
     section(res, "sdpa", sdpa_probe)
     save()
-    if not a.skip_tests:  # last: it takes what is left of the budget
-        section(res, "pytest", pytest_gpu, a.out, max(60.0, T0 + a.budget_s - time.perf_counter() - 30))
+    if not a.skip_tests:  # last: the kernels' tests take what is left of the budget
+        section(res, "pytest", pytest_gpu, a.out, max(60.0, T0 + a.budget_s - time.perf_counter() - 30),
+                PYTEST_PHASES[1:])
         save()
     left = T0 + a.budget_s - time.perf_counter()
     if left > 45 and not a.skip_ncu:
@@ -450,10 +467,9 @@ def summary(res: dict) -> None:
     print("graph:", res.get("graph"))
     for k, v in res.get("conformance", {}).items():
         print(f"{k}:", {a: _r(b) for a, b in v.items()} if isinstance(v, dict) else _r(v))
-    if "pytest" in res:
-        for name, _ in PYTEST_PHASES:
-            r = res["pytest"].get(name, {})
-            print(f"pytest {name} rc", r.get("rc"), r.get("error", ""), r.get("tail", "")[-200:])
+    for key, (name, _) in zip(("pytest_tiers", "pytest"), PYTEST_PHASES):
+        r = res.get(key, {}).get(name, {})
+        print(f"pytest {name} rc", r.get("rc"), r.get("error", ""), r.get("tail", "")[-200:])
     for k, v in res.get("kernels", {}).items():
         print(k, {a: round(b, 1) if isinstance(b, float) else b for a, b in v.items()} if isinstance(v, dict)
               else str(v)[-400:])

@@ -9,15 +9,15 @@
 #
 # The pipeline (2026-12-02: 28 minutes; the device budget is 30, the machine's start included):
 #   1. llama-bench built for sm_90 (detached, ~8.5 min), the C extension, gpu_check.py (GPU correctness, the
-#      decode kernels' launch configs and variants, the GPU tests; GPU_CHECK_S, default 420 s: the build's
+#      decode kernels' launch configs and variants, the GPU tests; GPU_CHECK_S, default 480 s: about the build's
 #      time) while the GGUF of STREAM_LAYERS layers of Qwen3.5-397B geometry is written alone;
 #   2. bench_cuda.py, streaming and fully resident, llama.cpp on the GGUF; the GGUF deleted, the pack of the
 #      same weights written; bench_cuda.py --merge, flashmoe-pack (with a profile of the resident step):
 #      one format at a time, since both formats of 12 layers (47 + 56 GB) do not fit the 64 GB disk together;
-#   3. on 2 layers: flashmoe-pack streaming with and without overlap (FLASHMOE_CUDA_SERIAL=1) and the
-#      page-locked host tier (FLASHMOE_CUDA_PINNED_HOST=0), and the naive
-#      baseline, transformers + accelerate offload, on the same 2 layers;
-#   4. fully resident, Qwen3.5-35B-A3B geometry (40 layers, K=8), both formats.
+#   3. fully resident, Qwen3.5-35B-A3B geometry (40 layers, K=8), both formats;
+#   4. on 2 layers: flashmoe-pack streaming with and without overlap (FLASHMOE_CUDA_SERIAL=1) and the
+#      page-locked host tier (FLASHMOE_CUDA_PINNED_HOST=0); then the naive baseline, transformers +
+#      accelerate offload, on the same 2 layers (what a short budget loses first).
 # Results: $D/results/{stream,q35,two}/bench_cuda.{json,md}, transformers/, gpu_check.json, copied to $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -25,7 +25,7 @@ STAGE=${1:?prep|start|wait|pipeline}
 OUT=${OUT:-$PWD/out}
 D=${D:-/data}
 DRY=${DRY:-0}  # DRY=1: the whole pipeline on this machine's CPU with tiny models (no GPU, no llama.cpp)
-SKIP=${SKIP:-}  # steps to leave out, for a short device budget: any of gpu_check q35 two (e.g. SKIP="q35 two")
+SKIP=${SKIP:-}  # steps to leave out, for a short device budget: any of gpu_check q35 two hf (e.g. SKIP="two hf")
 skip() { [[ " $SKIP " == *" $1 "* ]]; }
 if [ "$DRY" = 1 ]; then
     GEO=tiny GEO35=tiny STREAM_LAYERS=3 KS="2 1" K35=2 DEV=cpu SMALL="--tokens 4 --resident-tokens 4 --prompt 16"
@@ -77,9 +77,14 @@ pipeline() {
     (nice -n 5 python3 scripts/make_synthetic.py --gguf "$G.gguf" --geometry $GEO --layers "$STREAM_LAYERS" --jobs 6 \
         >"$D/results/gen1.log" 2>&1; echo $? >/tmp/gen1.done) &
     step "gpu_check"
-    [ "$DRY" = 1 ] || skip gpu_check || python3 scripts/gpu_check.py --out "$D/results" --skip-ncu --budget-s "${GPU_CHECK_S:-420}" \
+    [ "$DRY" = 1 ] || skip gpu_check || python3 scripts/gpu_check.py --out "$D/results" --skip-ncu --budget-s "${GPU_CHECK_S:-480}" \
         >"$D/results/gpu_check.log" 2>&1
     step "gpu_check rc $? ($(grep -o "pytest [a-z]* rc [^ ]*" "$D/results/gpu_check.log" 2>/dev/null | tr '\n' ' '))"
+    # the decode launch configs the sweep picked for this GPU, for every run below (gpu_check.json keeps them)
+    if [ -s "$D/results/decode_configs.json" ]; then
+        export FLASHMOE_DECODE_CONFIGS=$D/results/decode_configs.json
+        step "decode configs: $(tr -d ' \n' <"$FLASHMOE_DECODE_CONFIGS")"
+    fi
     # a model-level failure on the GPU (new kernels run there for the first time): benchmark the torch path
     if [ "$DRY" != 1 ] && ! skip gpu_check && ! python3 -c "import json, sys; r = json.load(open('$D/results/gpu_check.json'))
 sys.exit(any('error' in str(r.get(k, {}))[:20] or not r.get(k) for k in ('conformance', 'graph')))"; then
@@ -100,24 +105,6 @@ sys.exit(any('error' in str(r.get(k, {}))[:20] or not r.get(k) for k in ('confor
     step "pack written: rc $?"
     "${B[@]}" >>"$D/results/stream.log" 2>&1; step "flashmoe streaming + resident rc $?"
     rm -rf "$G"
-    # before the 35B runs (measured 2026-12-02; last, they are what a short budget loses): transformers +
-    # accelerate offload on 2 layers (bf16 experts are 3.2x the 4-bit bytes: 2 layers = 30 GB), beside
-    # flashmoe-pack streaming the same 2 layers under the same host limit (24 GB x 2-layer GGUF / 54.9 GB)
-    if ! skip two; then
-    local T=$D/m2
-    nice -n 5 python3 scripts/make_synthetic.py "$T" --geometry $GEO --layers 2 --jobs 2 >"$D/results/gen3.log" 2>&1
-    python3 scripts/bench_cuda.py "$T" "$T.gguf" --out "$D/results/two" --skip resident --gpu-layers 1 --ab overlap pinned \
-        --mem-limit 5.18e9 --device $DEV --k $KS $SMALL >"$D/results/two.log" 2>&1
-    step "flashmoe 2 layers rc $?"
-    python3 scripts/bench_transformers.py export "$T" "$D/hf2" --layers 2 --jobs 16 >"$D/results/export.log" 2>&1
-    step "transformers export rc $?"
-    mkdir -p "$D/results/transformers"
-    local TA=(--vram-experts 12e9 --mem-limit 5.18e9 --drop-caches --time-cap 90 --timeout 400)
-    [ "$DRY" = 1 ] && TA=(--device cpu --prompt 16 --tokens 2)
-    python3 scripts/bench_transformers.py run "$D/hf2" --k $KS "${TA[@]}" \
-        --json "$D/results/transformers/transformers.json" >"$D/results/transformers.log" 2>&1
-    step "transformers rc $?"
-    fi
     if ! skip q35; then
     local Q=$D/q35
     nice -n 5 python3 scripts/make_synthetic.py "$Q" --geometry $GEO35 --gguf "$Q.gguf" --jobs 8 >"$D/results/gen35.log" 2>&1
@@ -127,6 +114,29 @@ sys.exit(any('error' in str(r.get(k, {}))[:20] or not r.get(k) for k in ('confor
         >"$D/results/q35.log" 2>&1
     step "35B resident rc $?"
     rm -rf "$Q" "$Q.gguf"
+    fi
+    # flashmoe-pack streaming 2 layers with one feature off at a time (overlap, the page-locked host tier) under
+    # the host limit scaled to 2 layers (24 GB x 2-layer GGUF / 54.9 GB)
+    local T=$D/m2
+    if ! skip two || ! skip hf; then
+        nice -n 5 python3 scripts/make_synthetic.py "$T" --geometry $GEO --layers 2 --jobs 2 >"$D/results/gen3.log" 2>&1
+    fi
+    if ! skip two; then
+    python3 scripts/bench_cuda.py "$T" "$T.gguf" --out "$D/results/two" --skip resident --gpu-layers 1 --ab overlap pinned \
+        --mem-limit 5.18e9 --device $DEV --k $KS $SMALL >"$D/results/two.log" 2>&1
+    step "flashmoe 2 layers rc $?"
+    fi
+    # last (it has not finished inside a session's device time so far): transformers + accelerate offload, the
+    # naive baseline, on the same 2 layers (bf16 experts are 3.2x the 4-bit bytes: 2 layers = 30 GB)
+    if ! skip hf; then
+    python3 scripts/bench_transformers.py export "$T" "$D/hf2" --layers 2 --jobs 16 >"$D/results/export.log" 2>&1
+    step "transformers export rc $?"
+    mkdir -p "$D/results/transformers"
+    local TA=(--vram-experts 12e9 --mem-limit 5.18e9 --drop-caches --time-cap 90 --timeout 400)
+    [ "$DRY" = 1 ] && TA=(--device cpu --prompt 16 --tokens 2)
+    python3 scripts/bench_transformers.py run "$D/hf2" --k $KS "${TA[@]}" \
+        --json "$D/results/transformers/transformers.json" >"$D/results/transformers.log" 2>&1
+    step "transformers rc $?"
     fi
     touch $DONE
 }

@@ -111,9 +111,14 @@ SHAPES = [
 def test_decode_kernels_match_twin(bits, sdt, hidden, inter, group, xdt):
     exps = make_experts(6, hidden, inter, bits, group, sdt, seed=bits + hidden)
     table = tk.table_from_experts(exps, hidden, inter)
-    # the default (DECODE_CFG), variant 1 (_qmv) and 2 (_qmv2) explicitly, 64-row blocks: partial row blocks too
-    for t, k, cfg in ((1, 4, None), (1, 4, (8, 64, 4)), (3, 2, (64, 64, 2)), (1, 4, (8, 64, 4, 2)),
-                      (3, 2, (64, 64, 2, 2))):
+    # the default (DECODE_CFG), then with float32 x variants 1 (_qmv), 2 (_qmv2) and 3 (_qmv3) explicitly and
+    # each down path (split 1: a program per assignment, then _sum_k); 64-row blocks: partial row blocks too.
+    # Other x dtypes take the default and one split variant (the interpreter is slow; x is read as float32)
+    cases = ((1, 4, None), (3, 2, (64, 64, 2, 3, 1)))
+    if xdt == torch.float32:
+        cases += ((1, 4, (8, 64, 4)), (3, 2, (64, 64, 2)), (1, 4, (8, 64, 4, 2)), (3, 2, (64, 64, 2, 2)),
+                  (1, 4, (8, 64, 4, 3)), (2, 3, (8, 128, 4, 2, 1)))
+    for t, k, cfg in cases:
         x = torch.randn(t, hidden, device=DEV).to(xdt)
         ids, w = routing(t, k, 6, seed=t)
         ref = tk.decode_twin(x.float(), exps, ids.to(DEV), w.to(DEV))  # float32; rounding compared below
@@ -160,7 +165,7 @@ def test_qmatvec_equals_dequantize_then_matmul(bits, group, sdt, rows, cols, t):
     for xdt in (torch.float32, torch.bfloat16):
         x = torch.randn(t, cols, generator=g).to(xdt).to(DEV)
         want = x.double().cpu() @ dequantize(qt).double().cpu().T
-        for cfg in (None, (8, 64, 4, 2)):  # variant 2 too
+        for cfg in (None, (8, 64, 4, 2), (8, 64, 4, 3)):  # variants 2 and 3 too
             y = tk.qmatvec(x, qt, torch.float32, cfg)
             assert y.dtype == torch.float32 and y.shape == (t, rows)
             assert rel(y, want) < 2e-5
@@ -187,3 +192,21 @@ def test_linear_on_cuda_takes_the_kernel_for_decode_and_row_chunks_for_prefill(m
         assert y.shape == x.shape[:-1] + (300,)
         assert rel(y, x.double().cpu() @ w.T) < 2e-5
     assert calls == [1, 4]  # 18 rows: the chunked path
+
+
+def test_decode_cfg_reads_tuned_configs_by_gpu_and_group(tmp_path, monkeypatch):
+    """Tuned launch configs are data keyed by GPU name and bits/group; anything not listed takes DECODE_CFG,
+    and a malformed file is refused with its path."""
+    monkeypatch.setattr(tk, "_gpu_name", lambda device: "Fake GPU")
+    f = tmp_path / "cfg.json"
+    f.write_text('{"Fake GPU": {"4/32": [16, 512, 4, 3, 1]}, "Other GPU": {"4/64": [4, 256, 2]}}')
+    monkeypatch.setenv("FLASHMOE_DECODE_CONFIGS", str(f))
+    cuda = torch.device("cuda")
+    assert tk.decode_cfg(4, 32, cuda) == (16, 512, 4, 3, 1)
+    assert tk.decode_cfg(4, 64, cuda) == tk.DECODE_CFG[4]  # listed for another GPU only
+    assert tk.decode_cfg(4, 32, torch.device("cpu")) == tk.DECODE_CFG[4]
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"Fake GPU": {"4/32": [16, "x"]}}')
+    monkeypatch.setenv("FLASHMOE_DECODE_CONFIGS", str(bad))
+    with pytest.raises(ValueError, match="bad.json"):
+        tk.decode_cfg(4, 32, cuda)

@@ -19,7 +19,11 @@ Under TRITON_INTERPRET=1 the same kernels run on CPU tensors (the CPU tests use 
 
 from __future__ import annotations
 
+import functools
+import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -41,11 +45,14 @@ BITS = (2, 4, 8)
 OFFS = ("gate.weight", "up.weight", "down.weight", "gate.scales", "gate.biases", "up.scales", "up.biases",
         "down.scales", "down.biases")
 DECODE_MAX_T = 4  # up to this many tokens per layer use the GEMV kernels
-# Launch configs, keyed by bits: (rows per program, columns per step, warps[, variant: 1 _qmv, 2 _qmv2]);
-# scripts/gpu_check.py times alternatives on the GPU (the table in its report). GEMM: BM assignments x BN rows tiles.
-# _qmv2 won every bits at K=10 and K=4 on the H200 (scripts/results/gpu_check_h200_2026-12-02b.json, graph
-# replay, 397B geometry): q4 K=10 74 us vs 132 us for _qmv (8, 1024, 4); q8 114 vs 139 us; q2 80 vs 132 us.
+# Decode launch configs: (rows per program, columns per step, warps[, variant: 1 _qmv, 2 _qmv2, 3 _qmv3[, split]]).
+# Tuned ones are data, keyed by GPU name and "bits/group" (decode_configs.json beside this file, or the file
+# FLASHMOE_DECODE_CONFIGS names), written by scripts/gpu_check.py's sweep on that GPU; DECODE_CFG (by bits)
+# serves the rest. _qmv2 won every bits at K=10 and K=4 on the H200 against _qmv
+# (scripts/results/gpu_check_h200_2026-12-02b.json, graph replay, 397B geometry): q4 K=10 74 us vs 132 us;
+# q8 114 vs 139 us; q2 80 vs 132 us. GEMM: BM assignments x BN rows tiles.
 DECODE_CFG = {2: (8, 2048, 4, 2), 4: (8, 1024, 4, 2), 8: (8, 512, 4, 2)}
+TUNED_FILE = Path(__file__).with_name("decode_configs.json")
 GEMM_CFG = {"BM": 64, "BN": 64, "BK": 64, "warps": 4, "stages": 3}
 
 
@@ -194,9 +201,46 @@ if HAVE_TRITON:
         return acc
 
     @triton.jit
+    def _qmv3(w_ptr, s_ptr, w_off, s_off, b_off, rows, rmask, xrow_ptr, n_in,
+              BN: tl.constexpr, BK: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr):
+        """_qmv2's tiles with no int -> float conversion: value j's BITS bits are moved to the top of a
+        float32 mantissa under exponent 0 (a shift, then and/or), which reads as f = 1 + q / 2^BITS exactly;
+        a word then adds 2^BITS * scale * (sum f x - sum x) + bias * sum x, the same sum (the conversion, at
+        a fraction of the FMA rate, bound _qmv2: its GB/s fell as the values per byte rose, q8 > q4 > q2).
+        Words' sums accumulate elementwise in [BN, BKW] and are reduced across the block once, at the end."""
+        P: tl.constexpr = 32 // BITS
+        BKW: tl.constexpr = BK // P
+        MB: tl.constexpr = 23 - BITS  # the mantissa bit where q lands
+        n_words = n_in // P
+        acc = tl.zeros([BN, BKW], dtype=tl.float32)
+        for k0 in range(0, n_in, BK):
+            cw = k0 // P + tl.arange(0, BKW)
+            cm = cw < n_words
+            wm = rmask[:, None] & cm[None, :]
+            words = tl.load(w_ptr + w_off + rows[:, None] * n_words + cw[None, :], mask=wm, other=0)
+            s1 = tl.zeros([BN, BKW], dtype=tl.float32)
+            xs = tl.zeros([BKW], dtype=tl.float32)
+            for j in tl.static_range(P):
+                xj = tl.load(xrow_ptr + cw * P + j, mask=cm, other=0.0).to(tl.float32)
+                if MB >= j * BITS:
+                    v = words << (MB - j * BITS)
+                else:
+                    v = words >> (j * BITS - MB)
+                f = ((v & (((1 << BITS) - 1) << MB)) | 0x3F800000).to(tl.float32, bitcast=True)
+                s1 += f * xj[None, :]
+                xs += xj
+            gi = rows[:, None] * (n_in // G) + (cw // (G // P))[None, :]
+            sc = tl.load(s_ptr + s_off + gi, mask=wm, other=0.0).to(tl.float32)
+            bi = tl.load(s_ptr + b_off + gi, mask=wm, other=0.0).to(tl.float32)
+            acc += sc * (1 << BITS) * (s1 - xs[None, :]) + bi * xs[None, :]
+        return tl.sum(acc, axis=1)
+
+    @triton.jit
     def _qmv_any(w_ptr, s_ptr, w_off, s_off, b_off, rows, rmask, xrow_ptr, n_in,
                  BN: tl.constexpr, BK: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, V: tl.constexpr):
-        if V == 2:
+        if V == 3:
+            y = _qmv3(w_ptr, s_ptr, w_off, s_off, b_off, rows, rmask, xrow_ptr, n_in, BN, BK, BITS, G)
+        elif V == 2:
             y = _qmv2(w_ptr, s_ptr, w_off, s_off, b_off, rows, rmask, xrow_ptr, n_in, BN, BK, BITS, G)
         else:
             y = _qmv(w_ptr, s_ptr, w_off, s_off, b_off, rows, rmask, xrow_ptr, n_in, BN, BK, BITS, G)
@@ -234,6 +278,32 @@ if HAVE_TRITON:
                          h_ptr + a * n_in, n_in, BN, BK, BITS, G, V)
             total += tl.load(rw_ptr + a).to(tl.float32) * y
         tl.store(out_ptr + t * n_out + rows, total.to(out_ptr.dtype.element_ty), mask=rmask)
+
+    @triton.jit
+    def _decode_down_each(h_ptr, y_ptr, w_ptr, s_ptr, offs_ptr, aexp_ptr, rw_ptr, n_in, n_out,
+                          BN: tl.constexpr, BK: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr,
+                          V: tl.constexpr):
+        """y[a] = rw[a] * D_e h[a], float32, one program per (row block, assignment): the K experts of a
+        token are read in parallel rather than one after another (_sum_k adds them up)."""
+        pid_n = tl.program_id(0)
+        a = tl.program_id(1)
+        rows = pid_n * BN + tl.arange(0, BN)
+        rmask = rows < n_out
+        o = offs_ptr + tl.load(aexp_ptr + a).to(tl.int64) * 9
+        y = _qmv_any(w_ptr, s_ptr, tl.load(o + 2), tl.load(o + 7), tl.load(o + 8), rows, rmask,
+                     h_ptr + a * n_in, n_in, BN, BK, BITS, G, V)
+        tl.store(y_ptr + a * n_out + rows, tl.load(rw_ptr + a).to(tl.float32) * y, mask=rmask)
+
+    @triton.jit
+    def _sum_k(y_ptr, out_ptr, n, K, BLOCK: tl.constexpr):
+        """out[t] = sum_k y[t*K + k] over rows of n floats, in order (deterministic), in out's dtype."""
+        t = tl.program_id(1)
+        cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        m = cols < n
+        total = tl.zeros([BLOCK], dtype=tl.float32)
+        for k in range(0, K):
+            total += tl.load(y_ptr + (t * K + k) * n + cols, mask=m, other=0.0)
+        tl.store(out_ptr + t * n + cols, total.to(out_ptr.dtype.element_ty), mask=m)
 
     @triton.jit
     def _dequant_tile(w_ptr, s_ptr, w_off, s_off, b_off, rows, rmask, k0, n_in,
@@ -328,9 +398,43 @@ def _check(x: torch.Tensor, table: ExpertTable) -> None:
     assert table.words.device == x.device == table.scales.device == table.offs.device
 
 
-def _cfg4(cfg: tuple) -> tuple[int, int, int, int]:
-    """(rows per program, columns per step, warps[, variant]): variant 1 is _qmv, 2 is _qmv2."""
-    return (*cfg, 1) if len(cfg) == 3 else tuple(cfg)
+@functools.cache
+def _tuned(path: str) -> dict:
+    """{gpu name: {"bits/group": config}} from a tuned-configs file (none: {})."""
+    if not os.path.isfile(path):
+        return {}
+    try:
+        data = json.loads(Path(path).read_text())
+        for gpu, table in data.items():
+            for key, cfg in table.items():
+                bits, group = (int(v) for v in key.split("/"))
+                if not (isinstance(cfg, list) and 3 <= len(cfg) <= 5 and all(isinstance(v, int) for v in cfg)):
+                    raise ValueError(f"{gpu!r} {key!r}: {cfg!r} is not a list of 3 to 5 ints")
+    except (ValueError, AttributeError) as e:
+        raise ValueError(f"{path}: not a decode-config file ({{gpu: {{'bits/group': [rows, cols, warps, "
+                         f"variant, split]}}}}): {e}") from None
+    return data
+
+
+@functools.cache
+def _gpu_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device)
+
+
+def decode_cfg(bits: int, group: int, device: torch.device) -> tuple:
+    """The decode launch config for `bits`/`group` on `device`: tuned for its GPU where listed, else DECODE_CFG."""
+    if device.type == "cuda":
+        table = _tuned(os.environ.get("FLASHMOE_DECODE_CONFIGS", str(TUNED_FILE))).get(_gpu_name(device), {})
+        cfg = table.get(f"{bits}/{group}")
+        if cfg is not None:
+            return tuple(cfg)
+    return DECODE_CFG[bits]
+
+
+def _cfg5(cfg: tuple) -> tuple[int, int, int, int, int]:
+    """(rows per program, columns per step, warps[, variant[, split]]): variant 1 is _qmv, 2 _qmv2, 3 _qmv3;
+    split 1 computes down with a program per assignment and sums the K rows after (_decode_down_each)."""
+    return tuple(cfg) + (1, 0)[len(cfg) - 3:]
 
 
 def moe_decode(x: torch.Tensor, table: ExpertTable, aexp: torch.Tensor, rw: torch.Tensor, k: int,
@@ -340,7 +444,7 @@ def moe_decode(x: torch.Tensor, table: ExpertTable, aexp: torch.Tensor, rw: torc
     _check(x, table)
     t = x.shape[0]
     assert aexp.dtype == torch.int32 and aexp.numel() == t * k and rw.numel() == t * k
-    bn, bk, warps, v = _cfg4(cfg or DECODE_CFG[table.bits])
+    bn, bk, warps, v, split = _cfg5(cfg or decode_cfg(table.bits, table.group_size, x.device))
     g = table.group_size
     bk_in, bk_mid = max(bk, g), max(min(bk, triton.next_power_of_2(table.inter)), g)
     h = torch.empty(t * k, table.inter, dtype=torch.float32, device=x.device)
@@ -348,6 +452,13 @@ def moe_decode(x: torch.Tensor, table: ExpertTable, aexp: torch.Tensor, rw: torc
         x, h, table.words, table.scales, table.offs, aexp, table.hidden, table.inter, k,
         BN=bn, BK=bk_in, BITS=table.bits, G=g, V=v, num_warps=warps)
     out = torch.empty_like(x)
+    if split:
+        y = torch.empty(t * k, table.hidden, dtype=torch.float32, device=x.device)
+        _decode_down_each[(triton.cdiv(table.hidden, bn), t * k)](
+            h, y, table.words, table.scales, table.offs, aexp, rw.contiguous(), table.inter, table.hidden,
+            BN=bn, BK=bk_mid, BITS=table.bits, G=g, V=v, num_warps=warps)
+        _sum_k[(triton.cdiv(table.hidden, 1024), t)](y, out, table.hidden, k, BLOCK=1024, num_warps=4)
+        return out
     _decode_down[(triton.cdiv(table.hidden, bn), t)](
         h, out, table.words, table.scales, table.offs, aexp, rw.contiguous(), table.inter, table.hidden, k,
         BN=bn, BK=bk_mid, BITS=table.bits, G=g, V=v, num_warps=warps)
@@ -417,7 +528,7 @@ def qmatvec(x: torch.Tensor, qt: QTensor, out_dtype: torch.dtype | None = None,
     assert x.shape[1] == cols and cols % qt.group_size == 0 and qt.weight.is_contiguous()
     assert qt.scales.dtype == qt.biases.dtype and qt.scales.is_contiguous() and qt.biases.is_contiguous()
     base, (s_off, b_off) = _base_offsets([qt.scales, qt.biases])
-    bn, bk, warps, v = _cfg4(cfg or DECODE_CFG[qt.bits])
+    bn, bk, warps, v, _ = _cfg5(cfg or decode_cfg(qt.bits, qt.group_size, x.device))
     y = torch.empty(x.shape[0], rows, dtype=out_dtype or x.dtype, device=x.device)
     _qmatvec[(triton.cdiv(rows, bn), x.shape[0])](x, y, qt.weight, base, s_off, b_off, cols, rows, BN=bn,
                                                  BK=max(bk, qt.group_size), BITS=qt.bits, G=qt.group_size, V=v,
