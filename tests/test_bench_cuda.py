@@ -3,6 +3,7 @@ and the flashmoe engine run itself on CPU tensors (Triton interpreter)."""
 
 from __future__ import annotations
 
+import json
 import os
 from types import SimpleNamespace
 
@@ -168,3 +169,28 @@ def test_resident_run_preloads_once(synth):
     first, second = res["runs"]
     assert "preload_s" in first and "preload_s" not in second
     assert first["vram_hit"] == second["vram_hit"] == 1.0 and second["disk_bytes_per_tok"] == 0
+
+
+def test_gpu_check_picks_the_fastest_matching_config_in_the_tuned_file_format(tmp_path, monkeypatch):
+    """gpu_check's sweep result -> decode_configs.json: per bits/group the fastest K=10 graph time among configs
+    whose output matched the reference's; failed or mismatching configs are never picked; the file it writes
+    is what triton_kernels.decode_cfg reads."""
+    from flashmoe_pack.backends import triton_kernels as tk
+
+    gc = load_script("gpu_check")
+    kb = {
+        "decode_q4g64_K10|[8, 1024, 4, 2]": {"graph_us": 74.0, "max_rel_vs_first": None},
+        "decode_q4g64_K10|[8, 1024, 4, 3]": {"graph_us": 40.0, "max_rel_vs_first": 1e-3},
+        "decode_q4g64_K10|[8, 512, 2, 3, 1]": {"graph_us": 20.0, "max_rel_vs_first": 0.9},  # wrong output
+        "decode_q4g64_K10|[16, 512, 4, 3, 1]": {"error": "compile failed"},
+        "decode_q4g64_K4|[4, 1024, 2, 3, 1]": {"graph_us": 1.0, "max_rel_vs_first": 0.0},  # K=4: not ranked
+        "decode_q4g32_K10|[8, 1024, 4, 2]": {"graph_us": 90.0, "max_rel_vs_first": None},
+        "decode_q8g64_K10|[8, 512, 4, 2]": {"graph_us": "graph failed: x", "max_rel_vs_first": None},
+    }
+    best = gc.pick_best(kb)
+    assert best == {"4/64": [8, 1024, 4, 3], "4/32": [8, 1024, 4, 2]}
+    f = tmp_path / "decode_configs.json"
+    f.write_text(json.dumps({"Fake GPU": best}))
+    monkeypatch.setenv("FLASHMOE_DECODE_CONFIGS", str(f))
+    monkeypatch.setattr(tk, "_gpu_name", lambda device: "Fake GPU")
+    assert tk.decode_cfg(4, 64, torch.device("cuda")) == (8, 1024, 4, 3)

@@ -210,3 +210,23 @@ def test_decode_cfg_reads_tuned_configs_by_gpu_and_group(tmp_path, monkeypatch):
     monkeypatch.setenv("FLASHMOE_DECODE_CONFIGS", str(bad))
     with pytest.raises(ValueError, match="bad.json"):
         tk.decode_cfg(4, 32, cuda)
+
+
+def test_shipped_tuned_configs_are_valid_launch_configs():
+    """decode_configs.json (the H200 sweep's picks) parses, and each entry runs here against the twin."""
+    tuned = tk._tuned(str(tk.TUNED_FILE))
+    assert tuned, f"{tk.TUNED_FILE} lists no GPU"
+    exps = make_experts(3, 64, 64, 4, 32, torch.bfloat16, seed=3)
+    table = tk.table_from_experts(exps, 64, 64)
+    x = torch.randn(1, 64, device=DEV)
+    ids, w = routing(1, 2, 3, seed=1)
+    ref = tk.decode_twin(x, exps, ids.to(DEV), w.to(DEV))
+    for gpu, configs in tuned.items():
+        for key, cfg in configs.items():
+            bits, group = (int(v) for v in key.split("/"))
+            assert bits in tk.BITS and group & (group - 1) == 0, (gpu, key)
+            bn, bk, warps, v, split = tk._cfg5(tuple(cfg))
+            assert v in (1, 2, 3) and split in (0, 1) and bn & (bn - 1) == 0 and bk & (bk - 1) == 0, (gpu, key)
+        for cfg in {tuple(c) for c in configs.values()}:  # any listed config computes the twin's function
+            got = tk.moe_decode(x, table, ids.reshape(-1).to(torch.int32).to(DEV), w.reshape(-1).to(DEV), 2, cfg)
+            assert rel(got, ref) < TOL[torch.float32], (gpu, cfg)

@@ -48,10 +48,12 @@ DECODE_MAX_T = 4  # up to this many tokens per layer use the GEMV kernels
 # Decode launch configs: (rows per program, columns per step, warps[, variant: 1 _qmv, 2 _qmv2, 3 _qmv3[, split]]).
 # Tuned ones are data, keyed by GPU name and "bits/group" (decode_configs.json beside this file, or the file
 # FLASHMOE_DECODE_CONFIGS names), written by scripts/gpu_check.py's sweep on that GPU; DECODE_CFG (by bits)
-# serves the rest. _qmv2 won every bits at K=10 and K=4 on the H200 against _qmv
-# (scripts/results/gpu_check_h200_2026-12-02b.json, graph replay, 397B geometry): q4 K=10 74 us vs 132 us;
-# q8 114 vs 139 us; q2 80 vs 132 us. GEMM: BM assignments x BN rows tiles.
-DECODE_CFG = {2: (8, 2048, 4, 2), 4: (8, 1024, 4, 2), 8: (8, 512, 4, 2)}
+# serves the rest. H200, graph replay, 397B geometry, K=10 (scripts/results/gpu_check_h200_2026-12-02b.json and
+# -02c.json): _qmv2 beat _qmv (q4 74 us vs 132); _qmv3 on _qmv2's tiles beat _qmv2 in every bits and K
+# (q4 g64 63 vs 74 us, q8 97 vs 115, q2 75 vs 80), so DECODE_CFG is that; the H200's picks (decode_configs.json,
+# with the split down product: q4 g32 58 us vs 76 for _qmv2, q8 81 vs 115) are ~1.3 TB/s, still a fraction of
+# HBM's 4.8. GEMM: BM assignments x BN rows tiles.
+DECODE_CFG = {2: (8, 2048, 4, 3), 4: (8, 1024, 4, 3), 8: (8, 512, 4, 3)}
 TUNED_FILE = Path(__file__).with_name("decode_configs.json")
 GEMM_CFG = {"BM": 64, "BN": 64, "BK": 64, "warps": 4, "stages": 3}
 
