@@ -140,7 +140,8 @@ def test_engine_run_on_cpu(synth):
     res = bc.engine_run({"model": str(out), "device": "cpu", "vram": 3 * slot, "host": 0, "threads": 2,
                          "prompt": 9, "ks": [2], "tokens": 3, "profile": 2})
     (r,) = res["runs"]
-    assert r["graph"] == {"captures": 0, "capture_s": 0.0, "replays": 0}  # no CUDA graphs on a CPU
+    assert r["graph"] == {"captures": 0, "capture_s": 0.0, "replays": 0, "adoptions": 0}  # no CUDA graphs on a CPU
+    assert len(r["token_ms"]) == 3 and all(t > 0 for t in r["token_ms"]) and r["decode_tok_s_median"] > 0
     prof = res["profile"]
     assert prof["ms_per_step_eager"] > 0 and prof["eager_ops_per_step"] > 10 and "aten::" in prof["eager_top"]
     assert r["K"] == 2 and r["decode_tokens"] == 3 and r["vram_slots"] == 3 and r["host_budget_bytes"] == 0

@@ -5,9 +5,13 @@ bound by the launches, not by the weights it reads. When every expert of the mod
 (GpuExpertCache.resident_map), a step has fixed shapes and needs no host value: the model's
 static step (forward with a device position `pos`: KV written at pos with index_copy_, attention
 over the whole zero-filled buffer with later slots masked, conv/recurrent states updated in
-place) is captured once and replayed per token. The graph is bound to one state's buffers (their
-addresses are baked in), so a new state, or a KV buffer that grew, captures again; KV buffers
-double, so a sequence of n tokens captures O(log n) times.
+place) is captured once and replayed per token. The graph is bound to the tensors it was captured
+on (their addresses are baked in), which it keeps: another state of the same shapes whose cached
+tokens fit their KV room is copied into them and uses them from then on (`adopt`; their previous
+owner, if still alive, gets private copies first), so a new request or a resumed snapshot costs a
+copy of the state (tens of MB at device speed) instead of a capture (~0.1 s on the H200 at 397B
+geometry); a KV buffer too small for the next position captures again on the state's own
+(doubled) buffers, O(log n) times for n tokens.
 
     step = GraphedDecode(model.model)  # its .experts: a backends.cuda.CudaExperts
     logits = step(tok, state)  # float32 [vocab]; state.pos advanced by one
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import os
 import time
+import weakref
 
 import torch
 
@@ -37,10 +42,13 @@ class GraphedDecode:
         self.pos = torch.zeros(1, dtype=torch.long, device=dev)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None  # the graph's output [1, vocab]
-        self.key: tuple | None = None
+        self.key: tuple | None = None  # what the graph baked in besides the state's tensors
+        self.work: list[torch.Tensor] = []  # the state tensors the graph is bound to (kept alive here)
+        self.owner = None  # weakref to the state that uses `work` now
         self.captures = 0
         self.capture_s = 0.0  # wall time of warm-ups + captures
         self.replays = 0
+        self.adoptions = 0  # states moved onto `work` instead of capturing
 
     @property
     def experts(self):
@@ -54,16 +62,48 @@ class GraphedDecode:
         """True when the step can run as a graph: a CUDA model with every expert in VRAM."""
         return self.model.device.type == "cuda" and graphs_enabled() and self.experts.sync_free()
 
+    def _static_key(self) -> tuple:
+        """What a capture bakes in besides the state's tensors: the experts object and its slot table, K."""
+        return (id(self.experts), id(self.cache.resident_map()), self.model.config.num_experts_per_tok,
+                os.environ.get("FLASHMOE_CUDA_LAYER_KERNELS", "1"))  # (an A/B switch of models/layers.py)
+
+    def _fits(self, state) -> bool:
+        """The bound tensors can take `state`: same dtypes and shapes, KV buffers with room for position pos."""
+        mine = state.buffers()
+        if self.graph is None or len(mine) != len(self.work):
+            return False
+        n_kv = 2 * len(state.kv)  # buffers() lists each KV cache's k and v first
+        for j, (w, t) in enumerate(zip(self.work, mine, strict=True)):
+            if w.dtype != t.dtype or w.device != t.device:
+                return False
+            if j < n_kv:
+                if w.shape[0] != t.shape[0] or w.shape[2] != t.shape[2] or w.shape[1] < state.pos + 1:
+                    return False
+            elif w.shape != t.shape:
+                return False
+        return True
+
+    def _uses_work(self, state) -> bool:
+        return [t.data_ptr() for t in state.buffers()] == [t.data_ptr() for t in self.work]
+
+    def adopt(self, state) -> None:
+        """Move `state` onto the bound tensors; their previous owner, if alive, keeps a private copy."""
+        old = self.owner() if self.owner is not None else None
+        if old is not None and old is not state and self._uses_work(old):
+            old.set_buffers([t.clone() for t in self.work])
+        state.move_to(self.work)
+        self.owner = weakref.ref(state)
+        self.adoptions += 1
+
     def __call__(self, tok: int, state) -> torch.Tensor:
-        for kv in state.kv.values():
-            kv.reserve(state.pos + 1)
-        # what the graph baked in: the state's buffers, the experts object and its slot table, K
-        key = (id(state), tuple(t.data_ptr() for t in state.buffers()), id(self.experts),
-               id(self.cache.resident_map()), self.model.config.num_experts_per_tok,
-               os.environ.get("FLASHMOE_CUDA_LAYER_KERNELS", "1"))  # (an A/B switch of models/layers.py)
-        if key != self.key:
+        key = self._static_key()
+        if key != self.key or not self._fits(state):
+            for kv in state.kv.values():
+                kv.reserve(state.pos + 1)
             self._capture(state)
             self.key = key
+        elif not (self.owner is not None and self.owner() is state and self._uses_work(state)):
+            self.adopt(state)
         self.ids.fill_(tok)
         self.pos.fill_(state.pos)
         self.graph.replay()
@@ -79,7 +119,8 @@ class GraphedDecode:
 
     def _capture(self, state) -> None:
         t0 = time.perf_counter()
-        self.graph = self.logits = self.key = None  # release the old graph's memory first
+        self.graph = self.logits = self.key = self.owner = None  # release the old graph's memory first
+        self.work = []
         # Warm up on a copy (the step changes the state it runs on): Triton compiles, cuBLAS picks
         # its kernels, the allocator sees the step's sizes; then capture on the real state. A
         # capture records kernels without running them, so the state is untouched until replay.
@@ -88,16 +129,25 @@ class GraphedDecode:
         for kv in scratch.kv.values():
             kv.reserve(state.pos + 1)
         self.pos.fill_(state.pos)
+        self._warm_up(scratch)
+        del scratch
+        self.graph, self.logits = self._record(state)
+        self.cache.vram.hits = hits  # warming up and recording are not lookups
+        self.work, self.owner = state.buffers(), weakref.ref(state)
+        self.captures += 1
+        self.capture_s += time.perf_counter() - t0
+
+    def _warm_up(self, scratch) -> None:
+        """One static step on a scratch copy, on a side stream (as torch.cuda.graph wants warm-ups)."""
         side = torch.cuda.Stream(self.model.device)
         side.wait_stream(torch.cuda.current_stream(self.model.device))
         with torch.cuda.stream(side):
             self.model.forward(self.ids, scratch, last_only=True, pos=self.pos)
         torch.cuda.current_stream(self.model.device).wait_stream(side)
-        del scratch
+
+    def _record(self, state):
+        """(graph, its output tensor): the static step on `state` captured into a CUDA graph."""
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            self.logits = self.model.forward(self.ids, state, last_only=True, pos=self.pos)
-        self.cache.vram.hits = hits  # warming up and recording are not lookups
-        self.graph = graph
-        self.captures += 1
-        self.capture_s += time.perf_counter() - t0
+            logits = self.model.forward(self.ids, state, last_only=True, pos=self.pos)
+        return graph, logits

@@ -178,6 +178,38 @@ class Qwen35MoeState:
         out = [t for c in self.kv.values() for t in (c.k, c.v)]
         return out + list(self.conv.values()) + list(self.recurrent.values())
 
+    def set_buffers(self, bufs: list[Tensor]) -> None:
+        """Use `bufs` (as buffers() lists them) as this state's tensors from now on, contents as they are."""
+        it = iter(bufs)
+        for c in self.kv.values():
+            c.k, c.v = next(it), next(it)
+        for d in (self.conv, self.recurrent):
+            for i in d:
+                d[i] = next(it)
+
+    def move_to(self, bufs: list[Tensor]) -> None:
+        """Copy this state into `bufs` (buffers()' order and shapes; KV buffers with room for at least the
+        cached tokens) and use them from now on: the KV tail past the cached tokens is zeroed (KVCache's
+        invariant), so a captured decode step bound to `bufs` runs this sequence (engine/cuda_graph.py)."""
+        mine = self.buffers()
+        if len(bufs) != len(mine):
+            raise ValueError(f"move_to: {len(bufs)} buffers for a state of {len(mine)}")
+        it = iter(bufs)
+        for c in self.kv.values():
+            for old in (c.k, c.v):
+                new = next(it)
+                if new.shape[0] != old.shape[0] or new.shape[2] != old.shape[2] or new.shape[1] < c.length:
+                    raise ValueError(f"move_to: KV buffer {tuple(new.shape)} for {tuple(old.shape)}, {c.length} cached")
+                new[:, : c.length].copy_(old[:, : c.length])
+                new[:, c.length :].zero_()
+        for d in (self.conv, self.recurrent):
+            for t in d.values():
+                new = next(it)
+                if new.shape != t.shape:
+                    raise ValueError(f"move_to: buffer {tuple(new.shape)} for {tuple(t.shape)}")
+                new.copy_(t)
+        self.set_buffers(bufs)
+
 
 def _get(weights: Mapping[str, Tensor], name: str) -> Tensor:
     if name not in weights:
