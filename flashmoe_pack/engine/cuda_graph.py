@@ -45,6 +45,7 @@ class GraphedDecode:
         self.key: tuple | None = None  # what the graph baked in besides the state's tensors
         self.work: list[torch.Tensor] = []  # the state tensors the graph is bound to (kept alive here)
         self.owner = None  # weakref to the state that uses `work` now
+        self._work_ptrs: list[int] = []
         self.captures = 0
         self.capture_s = 0.0  # wall time of warm-ups + captures
         self.replays = 0
@@ -84,7 +85,7 @@ class GraphedDecode:
         return True
 
     def _uses_work(self, state) -> bool:
-        return [t.data_ptr() for t in state.buffers()] == [t.data_ptr() for t in self.work]
+        return [t.data_ptr() for t in state.buffers()] == self._work_ptrs
 
     def adopt(self, state) -> None:
         """Move `state` onto the bound tensors; their previous owner, if alive, keeps a private copy."""
@@ -120,7 +121,7 @@ class GraphedDecode:
     def _capture(self, state) -> None:
         t0 = time.perf_counter()
         self.graph = self.logits = self.key = self.owner = None  # release the old graph's memory first
-        self.work = []
+        self.work, self._work_ptrs = [], []
         # Warm up on a copy (the step changes the state it runs on): Triton compiles, cuBLAS picks
         # its kernels, the allocator sees the step's sizes; then capture on the real state. A
         # capture records kernels without running them, so the state is untouched until replay.
@@ -134,6 +135,7 @@ class GraphedDecode:
         self.graph, self.logits = self._record(state)
         self.cache.vram.hits = hits  # warming up and recording are not lookups
         self.work, self.owner = state.buffers(), weakref.ref(state)
+        self._work_ptrs = [t.data_ptr() for t in self.work]
         self.captures += 1
         self.capture_s += time.perf_counter() - t0
 
