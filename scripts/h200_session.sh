@@ -9,7 +9,7 @@
 #
 # The pipeline (2026-12-02: 28 minutes; the device budget is 30, the machine's start included):
 #   1. llama-bench built for sm_90 (detached, ~8.5 min), the C extension, gpu_check.py (GPU correctness, the
-#      decode kernels' launch configs and variants, the GPU tests; GPU_CHECK_S, default 480 s: about the build's
+#      decode kernels' launch configs and variants, the GPU tests; GPU_CHECK_S, default 560 s: about the build's
 #      time) while the GGUF of STREAM_LAYERS layers of Qwen3.5-397B geometry is written alone;
 #   2. bench_cuda.py, streaming and fully resident, llama.cpp on the GGUF; the GGUF deleted, the pack of the
 #      same weights written; bench_cuda.py --merge, flashmoe-pack (with a profile of the resident step):
@@ -77,7 +77,7 @@ pipeline() {
     (nice -n 5 python3 scripts/make_synthetic.py --gguf "$G.gguf" --geometry $GEO --layers "$STREAM_LAYERS" --jobs 6 \
         >"$D/results/gen1.log" 2>&1; echo $? >/tmp/gen1.done) &
     step "gpu_check"
-    [ "$DRY" = 1 ] || skip gpu_check || python3 scripts/gpu_check.py --out "$D/results" --skip-ncu --budget-s "${GPU_CHECK_S:-480}" \
+    [ "$DRY" = 1 ] || skip gpu_check || python3 scripts/gpu_check.py --out "$D/results" --skip-ncu --budget-s "${GPU_CHECK_S:-560}" \
         >"$D/results/gpu_check.log" 2>&1
     step "gpu_check rc $? ($(grep -o "pytest [a-z]* rc [^ ]*" "$D/results/gpu_check.log" 2>/dev/null | tr '\n' ' '))"
     # the decode launch configs the sweep picked for this GPU, for every run below (gpu_check.json keeps them)
