@@ -298,16 +298,15 @@ def _time_decode(tk, x, table, aexps, rw, k, cfg, nbytes, ref=None) -> dict:
             "max_rel_vs_first": err, "y": y}
 
 
-# (rows, columns per step, warps, variant[, split]) per bits; the first of each list is the reference that the
-# others' outputs are checked against (the default before this sweep); variant 3 is _qmv3, split 1 the down
-# product with a program per assignment. Variant 1 (_qmv) lost every case on the H200 (2026-12-02) and is gone.
-_Q3 = [(8, 1024, 4, 3), (8, 1024, 4, 3, 1), (8, 512, 2, 3), (8, 512, 2, 3, 1), (16, 1024, 4, 3, 1),
-       (4, 1024, 2, 3, 1), (16, 512, 4, 3, 1), (8, 2048, 8, 3, 1), (8, 1024, 4, 2, 1)]
-DECODE_SWEEP = {4: [(8, 1024, 4, 2)] + _Q3,
-                2: [(8, 2048, 4, 2), (8, 2048, 4, 3), (8, 2048, 4, 3, 1), (8, 1024, 4, 3, 1), (16, 1024, 4, 3, 1),
-                    (4, 2048, 2, 3, 1)],
-                8: [(8, 512, 4, 2), (8, 512, 4, 3), (8, 512, 4, 3, 1), (4, 512, 2, 3, 1), (8, 256, 2, 3, 1),
-                    (16, 256, 4, 3, 1)]}
+# (rows, columns per step, warps[, split]) per bits; the first of each list is the reference that the others'
+# outputs are checked against (DECODE_CFG); split 1 is the down product with a program per assignment. The
+# 2026-12-02c sweep (which also had the int -> float kernel, now gone) picked (8, 512, 2, 1) for q4, (4, 2048,
+# 2, 1) for q2 and (4, 512, 2, 1) for q8.
+_Q4 = [(8, 1024, 4), (8, 1024, 4, 1), (8, 512, 2), (8, 512, 2, 1), (4, 1024, 2, 1), (4, 512, 2, 1),
+       (8, 256, 2, 1), (16, 1024, 4, 1), (8, 2048, 8, 1)]
+DECODE_SWEEP = {4: _Q4,
+                2: [(8, 2048, 4), (8, 2048, 4, 1), (4, 2048, 2, 1), (4, 1024, 2, 1), (8, 1024, 4, 1)],
+                8: [(8, 512, 4), (8, 512, 4, 1), (4, 512, 2, 1), (4, 256, 2, 1), (8, 256, 2, 1)]}
 
 
 def _sweep_decode(tk, table, lay, configs, name: str, out: dict) -> None:

@@ -180,18 +180,18 @@ def test_gpu_check_picks_the_fastest_matching_config_in_the_tuned_file_format(tm
 
     gc = load_script("gpu_check")
     kb = {
-        "decode_q4g64_K10|[8, 1024, 4, 2]": {"graph_us": 74.0, "max_rel_vs_first": None},
-        "decode_q4g64_K10|[8, 1024, 4, 3]": {"graph_us": 40.0, "max_rel_vs_first": 1e-3},
-        "decode_q4g64_K10|[8, 512, 2, 3, 1]": {"graph_us": 20.0, "max_rel_vs_first": 0.9},  # wrong output
-        "decode_q4g64_K10|[16, 512, 4, 3, 1]": {"error": "compile failed"},
-        "decode_q4g64_K4|[4, 1024, 2, 3, 1]": {"graph_us": 1.0, "max_rel_vs_first": 0.0},  # K=4: not ranked
-        "decode_q4g32_K10|[8, 1024, 4, 2]": {"graph_us": 90.0, "max_rel_vs_first": None},
-        "decode_q8g64_K10|[8, 512, 4, 2]": {"graph_us": "graph failed: x", "max_rel_vs_first": None},
+        "decode_q4g64_K10|[8, 1024, 4]": {"graph_us": 74.0, "max_rel_vs_first": None},
+        "decode_q4g64_K10|[16, 1024, 4]": {"graph_us": 40.0, "max_rel_vs_first": 1e-3},
+        "decode_q4g64_K10|[8, 512, 2, 1]": {"graph_us": 20.0, "max_rel_vs_first": 0.9},  # wrong output
+        "decode_q4g64_K10|[16, 512, 4, 1]": {"error": "compile failed"},
+        "decode_q4g64_K4|[4, 1024, 2, 1]": {"graph_us": 1.0, "max_rel_vs_first": 0.0},  # K=4: not ranked
+        "decode_q4g32_K10|[8, 1024, 4]": {"graph_us": 90.0, "max_rel_vs_first": None},
+        "decode_q8g64_K10|[8, 512, 4]": {"graph_us": "graph failed: x", "max_rel_vs_first": None},
     }
     best = gc.pick_best(kb)
-    assert best == {"4/64": [8, 1024, 4, 3], "4/32": [8, 1024, 4, 2]}
+    assert best == {"4/64": [16, 1024, 4], "4/32": [8, 1024, 4]}
     f = tmp_path / "decode_configs.json"
     f.write_text(json.dumps({"Fake GPU": best}))
     monkeypatch.setenv("FLASHMOE_DECODE_CONFIGS", str(f))
     monkeypatch.setattr(tk, "_gpu_name", lambda device: "Fake GPU")
-    assert tk.decode_cfg(4, 64, torch.device("cuda")) == (8, 1024, 4, 3)
+    assert tk.decode_cfg(4, 64, torch.device("cuda")) == (16, 1024, 4)

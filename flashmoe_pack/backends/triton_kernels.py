@@ -45,15 +45,16 @@ BITS = (2, 4, 8)
 OFFS = ("gate.weight", "up.weight", "down.weight", "gate.scales", "gate.biases", "up.scales", "up.biases",
         "down.scales", "down.biases")
 DECODE_MAX_T = 4  # up to this many tokens per layer use the GEMV kernels
-# Decode launch configs: (rows per program, columns per step, warps[, variant: 1 _qmv, 2 _qmv2, 3 _qmv3[, split]]).
-# Tuned ones are data, keyed by GPU name and "bits/group" (decode_configs.json beside this file, or the file
-# FLASHMOE_DECODE_CONFIGS names), written by scripts/gpu_check.py's sweep on that GPU; DECODE_CFG (by bits)
-# serves the rest. H200, graph replay, 397B geometry, K=10 (scripts/results/gpu_check_h200_2026-12-02b.json and
-# -02c.json): _qmv2 beat _qmv (q4 74 us vs 132); _qmv3 on _qmv2's tiles beat _qmv2 in every bits and K
-# (q4 g64 63 vs 74 us, q8 97 vs 115, q2 75 vs 80), so DECODE_CFG is that; the H200's picks (decode_configs.json,
-# with the split down product: q4 g32 58 us vs 76 for _qmv2, q8 81 vs 115) are ~1.3 TB/s, still a fraction of
-# HBM's 4.8. GEMM: BM assignments x BN rows tiles.
-DECODE_CFG = {2: (8, 2048, 4, 3), 4: (8, 1024, 4, 3), 8: (8, 512, 4, 3)}
+# Decode launch configs: (rows per program, columns per step, warps[, split]); split 1 computes the down product
+# with a program per assignment and sums the K rows after (_decode_down_each + _sum_k). Tuned ones are data, keyed
+# by GPU name and "bits/group" (decode_configs.json beside this file, or the file FLASHMOE_DECODE_CONFIGS names),
+# written by scripts/gpu_check.py's sweep on that GPU; DECODE_CFG (by bits) serves the rest. H200, graph replay,
+# 397B geometry, K=10 (scripts/results/gpu_check_h200_2026-12-02c.json): _qmv with its bit-trick unpacking beat
+# the same tiles converting each value int -> float (the kernel before it) in every bits and K: q4 g64 63 vs
+# 74 us, q8 97 vs 115, q2 75 vs 80; with the split down product, q4 g32 58 vs 76 and q8 81 vs 115 (~1.3 TB/s,
+# still a fraction of HBM's 4.8). An older variant reducing a [BN, BKW, P] tile over P lost to both (132 us).
+# GEMM: BM assignments x BN rows tiles.
+DECODE_CFG = {2: (8, 2048, 4), 4: (8, 1024, 4), 8: (8, 512, 4)}
 TUNED_FILE = Path(__file__).with_name("decode_configs.json")
 GEMM_CFG = {"BM": 64, "BN": 64, "BK": 64, "warps": 4, "stages": 3}
 
@@ -136,79 +137,22 @@ def gemm_twin(x: torch.Tensor, experts: list, ids: torch.Tensor, weights: torch.
 
 
 # ----------------------------------------------------------------------------------------- kernels
-# Variants timed on the H200 (scripts/gpu_check.py, Qwen3.5-397B geometry, q4, K=10) and dropped:
-# decode reducing per group after unpacking to [BN, BK] (reshapes): 171 us against 132 us here;
-# a program per assignment for down + a torch sum: 133 us, no gain; GEMM dequant that gathers each
-# value's word and scale (duplicate addresses) instead of unpack + reshape: 10x slower.
+# Variants timed on the H200 (scripts/gpu_check.py, Qwen3.5-397B geometry, q4, K=10) and dropped: decode
+# converting each value int -> float (74 us, against 63 for _qmv's bit tricks on the same tiles); reducing a
+# [BN, BKW, P] tile over P (132 us); reducing per group after unpacking to [BN, BK] (171 us); GEMM dequant
+# that gathers each value's word and scale (duplicate addresses) instead of unpack + reshape: 10x slower.
 
 if HAVE_TRITON:
 
     @triton.jit
-    def _qmv_word(w_ptr, s_ptr, w_off, s_off, b_off, rows, rmask, k0, n_in, x3, xs,
-                  BN: tl.constexpr, BK: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr):
-        """Partial y[rows] over columns k0 .. k0+BK, qmv_twin's arithmetic: per word s1 = sum q*x,
-        s2 = sum x (x3 [BKW, P], xs [BKW]), then scale * s1 + bias * s2 with the word's group."""
-        P: tl.constexpr = 32 // BITS
-        BKW: tl.constexpr = BK // P
-        n_words = n_in // P
-        cw = k0 // P + tl.arange(0, BKW)
-        wm = rmask[:, None] & (cw < n_words)[None, :]
-        words = tl.load(w_ptr + w_off + rows[:, None] * n_words + cw[None, :], mask=wm, other=0)
-        q = (words[:, :, None] >> (tl.arange(0, P) * BITS)[None, None, :]) & ((1 << BITS) - 1)
-        q = q.to(tl.float32)
-        s1 = tl.sum(q * x3[None, :, :], axis=2)  # [BN, BKW]
-        gi = rows[:, None] * (n_in // G) + (cw // (G // P))[None, :]
-        s = tl.load(s_ptr + s_off + gi, mask=wm, other=0.0).to(tl.float32)
-        b = tl.load(s_ptr + b_off + gi, mask=wm, other=0.0).to(tl.float32)
-        return tl.sum(s * s1 + b * xs[None, :], axis=1)
-
-    @triton.jit
     def _qmv(w_ptr, s_ptr, w_off, s_off, b_off, rows, rmask, xrow_ptr, n_in,
              BN: tl.constexpr, BK: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr):
-        """y[rows] = W x over all n_in columns, x (any float dtype) read from xrow_ptr; float32."""
-        P: tl.constexpr = 32 // BITS
-        acc = tl.zeros([BN], dtype=tl.float32)
-        for k0 in range(0, n_in, BK):
-            cw = k0 // P + tl.arange(0, BK // P)
-            ci = cw[:, None] * P + tl.arange(0, P)[None, :]  # [BKW, P] column of each value
-            x3 = tl.load(xrow_ptr + ci, mask=ci < n_in, other=0.0).to(tl.float32)
-            acc += _qmv_word(w_ptr, s_ptr, w_off, s_off, b_off, rows, rmask, k0, n_in, x3, tl.sum(x3, axis=1),
-                             BN, BK, BITS, G)
-        return acc
-
-    @triton.jit
-    def _qmv2(w_ptr, s_ptr, w_off, s_off, b_off, rows, rmask, xrow_ptr, n_in,
-              BN: tl.constexpr, BK: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr):
-        """_qmv's function (same per-word FMA form) with 2-D tiles only: the P values of a word are taken
-        one shift at a time against x's every P-th column, instead of a [BN, BKW, P] tile reduced over P."""
-        P: tl.constexpr = 32 // BITS
-        BKW: tl.constexpr = BK // P
-        n_words = n_in // P
-        acc = tl.zeros([BN], dtype=tl.float32)
-        for k0 in range(0, n_in, BK):
-            cw = k0 // P + tl.arange(0, BKW)
-            cm = cw < n_words
-            wm = rmask[:, None] & cm[None, :]
-            words = tl.load(w_ptr + w_off + rows[:, None] * n_words + cw[None, :], mask=wm, other=0)
-            s1 = tl.zeros([BN, BKW], dtype=tl.float32)
-            xs = tl.zeros([BKW], dtype=tl.float32)
-            for j in tl.static_range(P):
-                xj = tl.load(xrow_ptr + cw * P + j, mask=cm, other=0.0).to(tl.float32)
-                s1 += ((words >> (j * BITS)) & ((1 << BITS) - 1)).to(tl.float32) * xj[None, :]
-                xs += xj
-            gi = rows[:, None] * (n_in // G) + (cw // (G // P))[None, :]
-            sc = tl.load(s_ptr + s_off + gi, mask=wm, other=0.0).to(tl.float32)
-            bi = tl.load(s_ptr + b_off + gi, mask=wm, other=0.0).to(tl.float32)
-            acc += tl.sum(sc * s1 + bi * xs[None, :], axis=1)
-        return acc
-
-    @triton.jit
-    def _qmv3(w_ptr, s_ptr, w_off, s_off, b_off, rows, rmask, xrow_ptr, n_in,
-              BN: tl.constexpr, BK: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr):
-        """_qmv2's tiles with no int -> float conversion: value j's BITS bits are moved to the top of a
-        float32 mantissa under exponent 0 (a shift, then and/or), which reads as f = 1 + q / 2^BITS exactly;
-        a word then adds 2^BITS * scale * (sum f x - sum x) + bias * sum x, the same sum (the conversion, at
-        a fraction of the FMA rate, bound _qmv2: its GB/s fell as the values per byte rose, q8 > q4 > q2).
+        """y[rows] = W x over all n_in columns, x (any float dtype) read from xrow_ptr; float32, qmv_twin's
+        per-word FMA form. [BN, BKW] tiles of words; the P values of a word are taken one shift at a time
+        against x's every P-th column, with no int -> float conversion: value j's BITS bits are moved to the
+        top of a float32 mantissa under exponent 0 (a shift, then and/or), which reads as f = 1 + q / 2^BITS
+        exactly, and a word adds 2^BITS * scale * (sum f x - sum x) + bias * sum x (the conversions, at a
+        fraction of the FMA rate, bound the kernel before: its GB/s fell as values per byte rose, q8 > q4 > q2).
         Words' sums accumulate elementwise in [BN, BKW] and are reduced across the block once, at the end."""
         P: tl.constexpr = 32 // BITS
         BKW: tl.constexpr = BK // P
@@ -238,19 +182,8 @@ if HAVE_TRITON:
         return tl.sum(acc, axis=1)
 
     @triton.jit
-    def _qmv_any(w_ptr, s_ptr, w_off, s_off, b_off, rows, rmask, xrow_ptr, n_in,
-                 BN: tl.constexpr, BK: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, V: tl.constexpr):
-        if V == 3:
-            y = _qmv3(w_ptr, s_ptr, w_off, s_off, b_off, rows, rmask, xrow_ptr, n_in, BN, BK, BITS, G)
-        elif V == 2:
-            y = _qmv2(w_ptr, s_ptr, w_off, s_off, b_off, rows, rmask, xrow_ptr, n_in, BN, BK, BITS, G)
-        else:
-            y = _qmv(w_ptr, s_ptr, w_off, s_off, b_off, rows, rmask, xrow_ptr, n_in, BN, BK, BITS, G)
-        return y
-
-    @triton.jit
     def _decode_gate_up(x_ptr, h_ptr, w_ptr, s_ptr, offs_ptr, aexp_ptr, n_in, n_out, K,
-                        BN: tl.constexpr, BK: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, V: tl.constexpr):
+                        BN: tl.constexpr, BK: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr):
         """h[a] = silu(G_e x_t) * (U_e x_t) for assignment a = t*K + k of expert e, float32."""
         pid_n = tl.program_id(0)
         a = tl.program_id(1)
@@ -258,15 +191,15 @@ if HAVE_TRITON:
         rows = pid_n * BN + tl.arange(0, BN)
         rmask = rows < n_out
         xrow = x_ptr + (a // K) * n_in
-        g = _qmv_any(w_ptr, s_ptr, tl.load(o + 0), tl.load(o + 3), tl.load(o + 4), rows, rmask, xrow, n_in,
-                     BN, BK, BITS, G, V)
-        u = _qmv_any(w_ptr, s_ptr, tl.load(o + 1), tl.load(o + 5), tl.load(o + 6), rows, rmask, xrow, n_in,
-                     BN, BK, BITS, G, V)
+        g = _qmv(w_ptr, s_ptr, tl.load(o + 0), tl.load(o + 3), tl.load(o + 4), rows, rmask, xrow, n_in,
+                 BN, BK, BITS, G)
+        u = _qmv(w_ptr, s_ptr, tl.load(o + 1), tl.load(o + 5), tl.load(o + 6), rows, rmask, xrow, n_in,
+                 BN, BK, BITS, G)
         tl.store(h_ptr + a * n_out + rows, g / (1.0 + tl.exp(-g)) * u, mask=rmask)
 
     @triton.jit
     def _decode_down(h_ptr, out_ptr, w_ptr, s_ptr, offs_ptr, aexp_ptr, rw_ptr, n_in, n_out, K,
-                     BN: tl.constexpr, BK: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, V: tl.constexpr):
+                     BN: tl.constexpr, BK: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr):
         """out[t] = sum_k rw[t*K+k] * D_e h[t*K+k], summed in float32, stored in out's dtype."""
         pid_n = tl.program_id(0)
         t = tl.program_id(1)
@@ -276,15 +209,14 @@ if HAVE_TRITON:
         for k in range(0, K):
             a = t * K + k
             o = offs_ptr + tl.load(aexp_ptr + a).to(tl.int64) * 9
-            y = _qmv_any(w_ptr, s_ptr, tl.load(o + 2), tl.load(o + 7), tl.load(o + 8), rows, rmask,
-                         h_ptr + a * n_in, n_in, BN, BK, BITS, G, V)
+            y = _qmv(w_ptr, s_ptr, tl.load(o + 2), tl.load(o + 7), tl.load(o + 8), rows, rmask,
+                     h_ptr + a * n_in, n_in, BN, BK, BITS, G)
             total += tl.load(rw_ptr + a).to(tl.float32) * y
         tl.store(out_ptr + t * n_out + rows, total.to(out_ptr.dtype.element_ty), mask=rmask)
 
     @triton.jit
     def _decode_down_each(h_ptr, y_ptr, w_ptr, s_ptr, offs_ptr, aexp_ptr, rw_ptr, n_in, n_out,
-                          BN: tl.constexpr, BK: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr,
-                          V: tl.constexpr):
+                          BN: tl.constexpr, BK: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr):
         """y[a] = rw[a] * D_e h[a], float32, one program per (row block, assignment): the K experts of a
         token are read in parallel rather than one after another (_sum_k adds them up)."""
         pid_n = tl.program_id(0)
@@ -292,8 +224,8 @@ if HAVE_TRITON:
         rows = pid_n * BN + tl.arange(0, BN)
         rmask = rows < n_out
         o = offs_ptr + tl.load(aexp_ptr + a).to(tl.int64) * 9
-        y = _qmv_any(w_ptr, s_ptr, tl.load(o + 2), tl.load(o + 7), tl.load(o + 8), rows, rmask,
-                     h_ptr + a * n_in, n_in, BN, BK, BITS, G, V)
+        y = _qmv(w_ptr, s_ptr, tl.load(o + 2), tl.load(o + 7), tl.load(o + 8), rows, rmask,
+                 h_ptr + a * n_in, n_in, BN, BK, BITS, G)
         tl.store(y_ptr + a * n_out + rows, tl.load(rw_ptr + a).to(tl.float32) * y, mask=rmask)
 
     @triton.jit
@@ -377,13 +309,13 @@ if HAVE_TRITON:
 
     @triton.jit
     def _qmatvec(x_ptr, y_ptr, w_ptr, s_ptr, s_off, b_off, n_in, n_out,
-                 BN: tl.constexpr, BK: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, V: tl.constexpr):
+                 BN: tl.constexpr, BK: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr):
         """y[t, rows] = W x[t] for one quantized matrix (a resident weight), float32 arithmetic."""
         pid_n = tl.program_id(0)
         t = tl.program_id(1)
         rows = pid_n * BN + tl.arange(0, BN)
         rmask = rows < n_out
-        y = _qmv_any(w_ptr, s_ptr, 0, s_off, b_off, rows, rmask, x_ptr + t * n_in, n_in, BN, BK, BITS, G, V)
+        y = _qmv(w_ptr, s_ptr, 0, s_off, b_off, rows, rmask, x_ptr + t * n_in, n_in, BN, BK, BITS, G)
         tl.store(y_ptr + t * n_out + rows, y.to(y_ptr.dtype.element_ty), mask=rmask)
 
 
@@ -410,11 +342,11 @@ def _tuned(path: str) -> dict:
         for gpu, table in data.items():
             for key, cfg in table.items():
                 bits, group = (int(v) for v in key.split("/"))
-                if not (isinstance(cfg, list) and 3 <= len(cfg) <= 5 and all(isinstance(v, int) for v in cfg)):
-                    raise ValueError(f"{gpu!r} {key!r}: {cfg!r} is not a list of 3 to 5 ints")
+                if not (isinstance(cfg, list) and 3 <= len(cfg) <= 4 and all(isinstance(v, int) for v in cfg)):
+                    raise ValueError(f"{gpu!r} {key!r}: {cfg!r} is not a list of 3 or 4 ints")
     except (ValueError, AttributeError) as e:
         raise ValueError(f"{path}: not a decode-config file ({{gpu: {{'bits/group': [rows, cols, warps, "
-                         f"variant, split]}}}}): {e}") from None
+                         f"split]}}}}): {e}") from None
     return data
 
 
@@ -433,10 +365,11 @@ def decode_cfg(bits: int, group: int, device: torch.device) -> tuple:
     return DECODE_CFG[bits]
 
 
-def _cfg5(cfg: tuple) -> tuple[int, int, int, int, int]:
-    """(rows per program, columns per step, warps[, variant[, split]]): variant 1 is _qmv, 2 _qmv2, 3 _qmv3;
-    split 1 computes down with a program per assignment and sums the K rows after (_decode_down_each)."""
-    return tuple(cfg) + (1, 0)[len(cfg) - 3:]
+def _cfg4(cfg: tuple) -> tuple[int, int, int, int]:
+    """(rows per program, columns per step, warps[, split]) with split (default 0) filled in."""
+    if len(cfg) not in (3, 4):
+        raise ValueError(f"decode config {cfg!r}: expected (rows, columns, warps[, split])")
+    return (*cfg, 0) if len(cfg) == 3 else tuple(cfg)
 
 
 def moe_decode(x: torch.Tensor, table: ExpertTable, aexp: torch.Tensor, rw: torch.Tensor, k: int,
@@ -446,24 +379,24 @@ def moe_decode(x: torch.Tensor, table: ExpertTable, aexp: torch.Tensor, rw: torc
     _check(x, table)
     t = x.shape[0]
     assert aexp.dtype == torch.int32 and aexp.numel() == t * k and rw.numel() == t * k
-    bn, bk, warps, v, split = _cfg5(cfg or decode_cfg(table.bits, table.group_size, x.device))
+    bn, bk, warps, split = _cfg4(cfg or decode_cfg(table.bits, table.group_size, x.device))
     g = table.group_size
     bk_in, bk_mid = max(bk, g), max(min(bk, triton.next_power_of_2(table.inter)), g)
     h = torch.empty(t * k, table.inter, dtype=torch.float32, device=x.device)
     _decode_gate_up[(triton.cdiv(table.inter, bn), t * k)](
         x, h, table.words, table.scales, table.offs, aexp, table.hidden, table.inter, k,
-        BN=bn, BK=bk_in, BITS=table.bits, G=g, V=v, num_warps=warps)
+        BN=bn, BK=bk_in, BITS=table.bits, G=g, num_warps=warps)
     out = torch.empty_like(x)
     if split:
         y = torch.empty(t * k, table.hidden, dtype=torch.float32, device=x.device)
         _decode_down_each[(triton.cdiv(table.hidden, bn), t * k)](
             h, y, table.words, table.scales, table.offs, aexp, rw.contiguous(), table.inter, table.hidden,
-            BN=bn, BK=bk_mid, BITS=table.bits, G=g, V=v, num_warps=warps)
+            BN=bn, BK=bk_mid, BITS=table.bits, G=g, num_warps=warps)
         _sum_k[(triton.cdiv(table.hidden, 1024), t)](y, out, table.hidden, k, BLOCK=1024, num_warps=4)
         return out
     _decode_down[(triton.cdiv(table.hidden, bn), t)](
         h, out, table.words, table.scales, table.offs, aexp, rw.contiguous(), table.inter, table.hidden, k,
-        BN=bn, BK=bk_mid, BITS=table.bits, G=g, V=v, num_warps=warps)
+        BN=bn, BK=bk_mid, BITS=table.bits, G=g, num_warps=warps)
     return out
 
 
@@ -530,9 +463,9 @@ def qmatvec(x: torch.Tensor, qt: QTensor, out_dtype: torch.dtype | None = None,
     assert x.shape[1] == cols and cols % qt.group_size == 0 and qt.weight.is_contiguous()
     assert qt.scales.dtype == qt.biases.dtype and qt.scales.is_contiguous() and qt.biases.is_contiguous()
     base, (s_off, b_off) = _base_offsets([qt.scales, qt.biases])
-    bn, bk, warps, v, _ = _cfg5(cfg or decode_cfg(qt.bits, qt.group_size, x.device))
+    bn, bk, warps, _ = _cfg4(cfg or decode_cfg(qt.bits, qt.group_size, x.device))
     y = torch.empty(x.shape[0], rows, dtype=out_dtype or x.dtype, device=x.device)
     _qmatvec[(triton.cdiv(rows, bn), x.shape[0])](x, y, qt.weight, base, s_off, b_off, cols, rows, BN=bn,
-                                                 BK=max(bk, qt.group_size), BITS=qt.bits, G=qt.group_size, V=v,
+                                                 BK=max(bk, qt.group_size), BITS=qt.bits, G=qt.group_size,
                                                  num_warps=warps)
     return y
