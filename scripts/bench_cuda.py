@@ -383,9 +383,12 @@ def engine_run(spec: dict) -> dict:
         s0 = m.store.tier_stats()
         if spec.get("prefill_warmup", True):  # as llama-bench: a whole warm-up prompt before the timed one
             t = time.perf_counter()
-            # fully resident, two decode steps too, as llama-bench's warm-up run decodes: the CUDA graph is
-            # captured there, and the timed sequence moves onto its tensors (engine/cuda_graph.py, adopt)
-            n_warm = 3 if spec.get("preload") else 1
+            # fully resident, as many decode steps as the timed run, as llama-bench's warm-up run decodes: the
+            # CUDA graph is captured there (the timed sequence moves onto its tensors, engine/cuda_graph.py), and
+            # the GPU has been busy for a while. (2026-12-02c: the first timed K after the preload decoded at
+            # 3.9 ms per step where the same step took 2.9 in the profile afterwards, and the next K ran at the
+            # profile's speed; a GPU still clocking up after the copy-only preload would do that, not verified.)
+            n_warm = spec["tokens"] + 1 if spec.get("preload") else 1
             for _ in m.generate_ids([rng.randrange(vocab) for _ in range(spec["prompt"])], max_tokens=n_warm,
                                     stop_ids=()):
                 pass
