@@ -111,12 +111,13 @@ SHAPES = [
 def test_decode_kernels_match_twin(bits, sdt, hidden, inter, group, xdt):
     exps = make_experts(6, hidden, inter, bits, group, sdt, seed=bits + hidden)
     table = tk.table_from_experts(exps, hidden, inter)
-    # the default (DECODE_CFG), then with float32 x other tiles and each down path (split 1: a program per
-    # assignment, then _sum_k); 64-row blocks: partial row blocks too. Other x dtypes take the default and one
-    # split config (the interpreter is slow; x is read as float32 either way)
-    cases = ((1, 4, None), (3, 2, (64, 64, 2, 1)))
+    # the default (DECODE_CFG), then with float32 x other tiles, each down path (split 1: a program per
+    # assignment, then _sum_k) and each gate/up path (pair 1: one pass); 64-row blocks: partial row blocks too.
+    # Other x dtypes take the default and one split + pair config (the interpreter is slow; x is read as
+    # float32 either way)
+    cases = ((1, 4, None), (3, 2, (64, 64, 2, 1, 1)))
     if xdt == torch.float32:
-        cases += ((1, 4, (8, 64, 4)), (3, 2, (64, 64, 2)), (2, 3, (8, 128, 4, 1)), (1, 4, (16, 256, 4, 0)))
+        cases += ((1, 4, (8, 64, 4)), (3, 2, (64, 64, 2)), (2, 3, (8, 128, 4, 1)), (1, 4, (16, 256, 4, 0, 1)))
     for t, k, cfg in cases:
         x = torch.randn(t, hidden, device=DEV).to(xdt)
         ids, w = routing(t, k, 6, seed=t)
@@ -224,8 +225,8 @@ def test_shipped_tuned_configs_are_valid_launch_configs():
         for key, cfg in configs.items():
             bits, group = (int(v) for v in key.split("/"))
             assert bits in tk.BITS and group & (group - 1) == 0, (gpu, key)
-            bn, bk, warps, split = tk._cfg4(tuple(cfg))
-            assert split in (0, 1) and bn & (bn - 1) == 0 and bk & (bk - 1) == 0, (gpu, key)
+            bn, bk, warps, split, pair = tk._cfg5(tuple(cfg))
+            assert split in (0, 1) and pair in (0, 1) and bn & (bn - 1) == 0 and bk & (bk - 1) == 0, (gpu, key)
         for cfg in {tuple(c) for c in configs.values()}:  # any listed config computes the twin's function
             got = tk.moe_decode(x, table, ids.reshape(-1).to(torch.int32).to(DEV), w.reshape(-1).to(DEV), 2, cfg)
             assert rel(got, ref) < TOL[torch.float32], (gpu, cfg)

@@ -45,8 +45,9 @@ BITS = (2, 4, 8)
 OFFS = ("gate.weight", "up.weight", "down.weight", "gate.scales", "gate.biases", "up.scales", "up.biases",
         "down.scales", "down.biases")
 DECODE_MAX_T = 4  # up to this many tokens per layer use the GEMV kernels
-# Decode launch configs: (rows per program, columns per step, warps[, split]); split 1 computes the down product
-# with a program per assignment and sums the K rows after (_decode_down_each + _sum_k). Tuned ones are data, keyed
+# Decode launch configs: (rows per program, columns per step, warps[, split[, pair]]); split 1 computes the down
+# product with a program per assignment and sums the K rows after (_decode_down_each + _sum_k); pair 1 computes
+# gate and up in one pass (_qmv_pair: not yet run on a GPU, the next sweep times it). Tuned ones are data, keyed
 # by GPU name and "bits/group" (decode_configs.json beside this file, or the file FLASHMOE_DECODE_CONFIGS names),
 # written by scripts/gpu_check.py's sweep on that GPU; DECODE_CFG (by bits) serves the rest. H200, graph replay,
 # 397B geometry, K=10 (scripts/results/gpu_check_h200_2026-12-02c.json): _qmv with its bit-trick unpacking beat
@@ -145,6 +146,16 @@ def gemm_twin(x: torch.Tensor, experts: list, ids: torch.Tensor, weights: torch.
 if HAVE_TRITON:
 
     @triton.jit
+    def _unpack(words, j: tl.constexpr, BITS: tl.constexpr):
+        """Value j of each word as f = 1 + q / 2^BITS (float32): its bits moved under exponent 0 (_qmv)."""
+        MB: tl.constexpr = 23 - BITS  # the mantissa bit where q lands
+        if MB >= j * BITS:
+            v = words << (MB - j * BITS)
+        else:
+            v = words >> (j * BITS - MB)
+        return ((v & (((1 << BITS) - 1) << MB)) | 0x3F800000).to(tl.float32, bitcast=True)
+
+    @triton.jit
     def _qmv(w_ptr, s_ptr, w_off, s_off, b_off, rows, rmask, xrow_ptr, n_in,
              BN: tl.constexpr, BK: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr):
         """y[rows] = W x over all n_in columns, x (any float dtype) read from xrow_ptr; float32, qmv_twin's
@@ -156,7 +167,6 @@ if HAVE_TRITON:
         Words' sums accumulate elementwise in [BN, BKW] and are reduced across the block once, at the end."""
         P: tl.constexpr = 32 // BITS
         BKW: tl.constexpr = BK // P
-        MB: tl.constexpr = 23 - BITS  # the mantissa bit where q lands
         n_words = n_in // P
         acc = tl.zeros([BN, BKW], dtype=tl.float32)
         for k0 in range(0, n_in, BK):
@@ -168,12 +178,7 @@ if HAVE_TRITON:
             xs = tl.zeros([BKW], dtype=tl.float32)
             for j in tl.static_range(P):
                 xj = tl.load(xrow_ptr + cw * P + j, mask=cm, other=0.0).to(tl.float32)
-                if MB >= j * BITS:
-                    v = words << (MB - j * BITS)
-                else:
-                    v = words >> (j * BITS - MB)
-                f = ((v & (((1 << BITS) - 1) << MB)) | 0x3F800000).to(tl.float32, bitcast=True)
-                s1 += f * xj[None, :]
+                s1 += _unpack(words, j, BITS) * xj[None, :]
                 xs += xj
             gi = rows[:, None] * (n_in // G) + (cw // (G // P))[None, :]
             sc = tl.load(s_ptr + s_off + gi, mask=wm, other=0.0).to(tl.float32)
@@ -182,19 +187,57 @@ if HAVE_TRITON:
         return tl.sum(acc, axis=1)
 
     @triton.jit
+    def _qmv_pair(w_ptr, s_ptr, wa, sa, ba, wb, sb, bb, rows, rmask, xrow_ptr, n_in,
+                  BN: tl.constexpr, BK: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr):
+        """(A x, B x) for two matrices of one shape (an expert's gate and up) in one pass over the columns:
+        _qmv's arithmetic, with x's loads and sums shared and both matrices' words in flight together."""
+        P: tl.constexpr = 32 // BITS
+        BKW: tl.constexpr = BK // P
+        n_words = n_in // P
+        acc_a = tl.zeros([BN, BKW], dtype=tl.float32)
+        acc_b = tl.zeros([BN, BKW], dtype=tl.float32)
+        for k0 in range(0, n_in, BK):
+            cw = k0 // P + tl.arange(0, BKW)
+            cm = cw < n_words
+            wm = rmask[:, None] & cm[None, :]
+            wi = rows[:, None] * n_words + cw[None, :]
+            words_a = tl.load(w_ptr + wa + wi, mask=wm, other=0)
+            words_b = tl.load(w_ptr + wb + wi, mask=wm, other=0)
+            s1a = tl.zeros([BN, BKW], dtype=tl.float32)
+            s1b = tl.zeros([BN, BKW], dtype=tl.float32)
+            xs = tl.zeros([BKW], dtype=tl.float32)
+            for j in tl.static_range(P):
+                xj = tl.load(xrow_ptr + cw * P + j, mask=cm, other=0.0).to(tl.float32)
+                s1a += _unpack(words_a, j, BITS) * xj[None, :]
+                s1b += _unpack(words_b, j, BITS) * xj[None, :]
+                xs += xj
+            gi = rows[:, None] * (n_in // G) + (cw // (G // P))[None, :]
+            acc_a += (tl.load(s_ptr + sa + gi, mask=wm, other=0.0).to(tl.float32) * (1 << BITS) * (s1a - xs[None, :])
+                      + tl.load(s_ptr + ba + gi, mask=wm, other=0.0).to(tl.float32) * xs[None, :])
+            acc_b += (tl.load(s_ptr + sb + gi, mask=wm, other=0.0).to(tl.float32) * (1 << BITS) * (s1b - xs[None, :])
+                      + tl.load(s_ptr + bb + gi, mask=wm, other=0.0).to(tl.float32) * xs[None, :])
+        return tl.sum(acc_a, axis=1), tl.sum(acc_b, axis=1)
+
+    @triton.jit
     def _decode_gate_up(x_ptr, h_ptr, w_ptr, s_ptr, offs_ptr, aexp_ptr, n_in, n_out, K,
-                        BN: tl.constexpr, BK: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr):
-        """h[a] = silu(G_e x_t) * (U_e x_t) for assignment a = t*K + k of expert e, float32."""
+                        BN: tl.constexpr, BK: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr,
+                        PAIR: tl.constexpr):
+        """h[a] = silu(G_e x_t) * (U_e x_t) for assignment a = t*K + k of expert e, float32; PAIR: both
+        products in one pass (_qmv_pair), else one after the other."""
         pid_n = tl.program_id(0)
         a = tl.program_id(1)
         o = offs_ptr + tl.load(aexp_ptr + a).to(tl.int64) * 9
         rows = pid_n * BN + tl.arange(0, BN)
         rmask = rows < n_out
         xrow = x_ptr + (a // K) * n_in
-        g = _qmv(w_ptr, s_ptr, tl.load(o + 0), tl.load(o + 3), tl.load(o + 4), rows, rmask, xrow, n_in,
-                 BN, BK, BITS, G)
-        u = _qmv(w_ptr, s_ptr, tl.load(o + 1), tl.load(o + 5), tl.load(o + 6), rows, rmask, xrow, n_in,
-                 BN, BK, BITS, G)
+        if PAIR:
+            g, u = _qmv_pair(w_ptr, s_ptr, tl.load(o + 0), tl.load(o + 3), tl.load(o + 4), tl.load(o + 1),
+                             tl.load(o + 5), tl.load(o + 6), rows, rmask, xrow, n_in, BN, BK, BITS, G)
+        else:
+            g = _qmv(w_ptr, s_ptr, tl.load(o + 0), tl.load(o + 3), tl.load(o + 4), rows, rmask, xrow, n_in,
+                     BN, BK, BITS, G)
+            u = _qmv(w_ptr, s_ptr, tl.load(o + 1), tl.load(o + 5), tl.load(o + 6), rows, rmask, xrow, n_in,
+                     BN, BK, BITS, G)
         tl.store(h_ptr + a * n_out + rows, g / (1.0 + tl.exp(-g)) * u, mask=rmask)
 
     @triton.jit
@@ -342,11 +385,11 @@ def _tuned(path: str) -> dict:
         for gpu, table in data.items():
             for key, cfg in table.items():
                 bits, group = (int(v) for v in key.split("/"))
-                if not (isinstance(cfg, list) and 3 <= len(cfg) <= 4 and all(isinstance(v, int) for v in cfg)):
-                    raise ValueError(f"{gpu!r} {key!r}: {cfg!r} is not a list of 3 or 4 ints")
+                if not (isinstance(cfg, list) and 3 <= len(cfg) <= 5 and all(isinstance(v, int) for v in cfg)):
+                    raise ValueError(f"{gpu!r} {key!r}: {cfg!r} is not a list of 3 to 5 ints")
     except (ValueError, AttributeError) as e:
         raise ValueError(f"{path}: not a decode-config file ({{gpu: {{'bits/group': [rows, cols, warps, "
-                         f"split]}}}}): {e}") from None
+                         f"split, pair]}}}}): {e}") from None
     return data
 
 
@@ -365,11 +408,11 @@ def decode_cfg(bits: int, group: int, device: torch.device) -> tuple:
     return DECODE_CFG[bits]
 
 
-def _cfg4(cfg: tuple) -> tuple[int, int, int, int]:
-    """(rows per program, columns per step, warps[, split]) with split (default 0) filled in."""
-    if len(cfg) not in (3, 4):
-        raise ValueError(f"decode config {cfg!r}: expected (rows, columns, warps[, split])")
-    return (*cfg, 0) if len(cfg) == 3 else tuple(cfg)
+def _cfg5(cfg: tuple) -> tuple[int, int, int, int, int]:
+    """(rows per program, columns per step, warps[, split[, pair]]) with split and pair (default 0) filled in."""
+    if not 3 <= len(cfg) <= 5:
+        raise ValueError(f"decode config {cfg!r}: expected (rows, columns, warps[, split[, pair]])")
+    return tuple(cfg) + (0, 0)[len(cfg) - 3:]
 
 
 def moe_decode(x: torch.Tensor, table: ExpertTable, aexp: torch.Tensor, rw: torch.Tensor, k: int,
@@ -379,13 +422,13 @@ def moe_decode(x: torch.Tensor, table: ExpertTable, aexp: torch.Tensor, rw: torc
     _check(x, table)
     t = x.shape[0]
     assert aexp.dtype == torch.int32 and aexp.numel() == t * k and rw.numel() == t * k
-    bn, bk, warps, split = _cfg4(cfg or decode_cfg(table.bits, table.group_size, x.device))
+    bn, bk, warps, split, pair = _cfg5(cfg or decode_cfg(table.bits, table.group_size, x.device))
     g = table.group_size
     bk_in, bk_mid = max(bk, g), max(min(bk, triton.next_power_of_2(table.inter)), g)
     h = torch.empty(t * k, table.inter, dtype=torch.float32, device=x.device)
     _decode_gate_up[(triton.cdiv(table.inter, bn), t * k)](
         x, h, table.words, table.scales, table.offs, aexp, table.hidden, table.inter, k,
-        BN=bn, BK=bk_in, BITS=table.bits, G=g, num_warps=warps)
+        BN=bn, BK=bk_in, BITS=table.bits, G=g, PAIR=pair, num_warps=warps)
     out = torch.empty_like(x)
     if split:
         y = torch.empty(t * k, table.hidden, dtype=torch.float32, device=x.device)
@@ -463,7 +506,7 @@ def qmatvec(x: torch.Tensor, qt: QTensor, out_dtype: torch.dtype | None = None,
     assert x.shape[1] == cols and cols % qt.group_size == 0 and qt.weight.is_contiguous()
     assert qt.scales.dtype == qt.biases.dtype and qt.scales.is_contiguous() and qt.biases.is_contiguous()
     base, (s_off, b_off) = _base_offsets([qt.scales, qt.biases])
-    bn, bk, warps, _ = _cfg4(cfg or decode_cfg(qt.bits, qt.group_size, x.device))
+    bn, bk, warps, _, _ = _cfg5(cfg or decode_cfg(qt.bits, qt.group_size, x.device))
     y = torch.empty(x.shape[0], rows, dtype=out_dtype or x.dtype, device=x.device)
     _qmatvec[(triton.cdiv(rows, bn), x.shape[0])](x, y, qt.weight, base, s_off, b_off, cols, rows, BN=bn,
                                                  BK=max(bk, qt.group_size), BITS=qt.bits, G=qt.group_size,
