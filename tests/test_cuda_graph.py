@@ -102,6 +102,12 @@ def test_kv_room_too_small_captures_again_on_the_states_own_buffers(packed16):
     g(5, b)
     assert g.captures == 2 and g.adoptions == 0
     assert next(iter(b.kv.values())).capacity > cap and g._uses_work(b)
+    g(6, b)  # the owner again: replayed as it is
+    assert g.captures == 2 and g.adoptions == 0
+    # the owner's KV outgrows the bound buffers in a prefill (KVCache.reserve gives it new ones): captured again
+    m.model.forward(torch.arange(next(iter(b.kv.values())).capacity - b.pos) % 50, b)
+    g(7, b)
+    assert g.captures == 3 and g._uses_work(b)
 
 
 def test_move_to_copies_the_state_and_zeroes_the_kv_tail(packed16):

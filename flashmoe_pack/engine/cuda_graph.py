@@ -46,6 +46,7 @@ class GraphedDecode:
         self.work: list[torch.Tensor] = []  # the state tensors the graph is bound to (kept alive here)
         self.owner = None  # weakref to the state that uses `work` now
         self._work_ptrs: list[int] = []
+        self._kv_ptrs: list[int] = []  # each KV cache's key buffer among them (the per-token check)
         self.captures = 0
         self.capture_s = 0.0  # wall time of warm-ups + captures
         self.replays = 0
@@ -87,6 +88,15 @@ class GraphedDecode:
     def _uses_work(self, state) -> bool:
         return [t.data_ptr() for t in state.buffers()] == self._work_ptrs
 
+    def _runs_on_work(self, state) -> bool:
+        """The per-token check, kept cheap: `state` is the bound tensors' owner, still on them, with KV room for
+        its next position. Only KVCache.reserve replaces a state's tensors besides adopt (conv and recurrent
+        states are updated in place), and it replaces k and v together, so the KV keys' addresses say it."""
+        if self.owner is None or self.owner() is not state:
+            return False
+        return all(c.k.data_ptr() == p and c.capacity > state.pos for c, p in
+                   zip(state.kv.values(), self._kv_ptrs, strict=True))
+
     def adopt(self, state) -> None:
         """Move `state` onto the bound tensors; their previous owner, if alive, keeps a private copy."""
         old = self.owner() if self.owner is not None else None
@@ -98,13 +108,14 @@ class GraphedDecode:
 
     def __call__(self, tok: int, state) -> torch.Tensor:
         key = self._static_key()
-        if key != self.key or not self._fits(state):
-            for kv in state.kv.values():
-                kv.reserve(state.pos + 1)
-            self._capture(state)
-            self.key = key
-        elif not (self.owner is not None and self.owner() is state and self._uses_work(state)):
-            self.adopt(state)
+        if key != self.key or not self._runs_on_work(state):
+            if key == self.key and self._fits(state):
+                self.adopt(state)
+            else:
+                for kv in state.kv.values():
+                    kv.reserve(state.pos + 1)
+                self._capture(state)
+                self.key = key
         self.ids.fill_(tok)
         self.pos.fill_(state.pos)
         self.graph.replay()
@@ -121,7 +132,7 @@ class GraphedDecode:
     def _capture(self, state) -> None:
         t0 = time.perf_counter()
         self.graph = self.logits = self.key = self.owner = None  # release the old graph's memory first
-        self.work, self._work_ptrs = [], []
+        self.work, self._work_ptrs, self._kv_ptrs = [], [], []
         # Warm up on a copy (the step changes the state it runs on): Triton compiles, cuBLAS picks
         # its kernels, the allocator sees the step's sizes; then capture on the real state. A
         # capture records kernels without running them, so the state is untouched until replay.
@@ -136,6 +147,7 @@ class GraphedDecode:
         self.cache.vram.hits = hits  # warming up and recording are not lookups
         self.work, self.owner = state.buffers(), weakref.ref(state)
         self._work_ptrs = [t.data_ptr() for t in self.work]
+        self._kv_ptrs = [c.k.data_ptr() for c in state.kv.values()]
         self.captures += 1
         self.capture_s += time.perf_counter() - t0
 
