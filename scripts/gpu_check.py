@@ -313,6 +313,10 @@ DECODE_SWEEP = {4: _Q4,
                     (8, 256, 2, 1, 1)]}
 
 
+# prefill GEMM tiles; magic 1: weights dequantized through the bit trick (_dequant_tile's MAGIC), not yet timed
+GEMM_SWEEP = ({"BM": 64}, {"BM": 32}, {"BM": 64, "magic": 1}, {"BM": 32, "magic": 1}, {"BM": 16, "magic": 1})
+
+
 def _sweep_decode(tk, table, lay, configs, name: str, out: dict) -> None:
     """Time each decode launch config at K=10 and K=4 (32 random expert sets each) into out[name_K|cfg],
     each output checked against the first config's."""
@@ -348,13 +352,20 @@ def kernel_bench() -> dict:
                 x = torch.randn(t, 4096, device="cuda", dtype=torch.bfloat16)
                 ids = torch.stack([torch.randperm(512)[:10] for _ in range(t)]).numpy()
                 rw = torch.full((t, 10), 0.1, device="cuda")
-                for bm in (64, 32):
-                    c = {"BM": bm}
+                ref = None  # the first config's output: the others' are checked against it
+                for c in GEMM_SWEEP:
                     fn = lambda i, x=x, tb=table, ids=ids, rw=rw, c=c: tk.moe_gemm(x, tb, ids, rw, c)  # noqa: E731
-                    fn(0)
-                    ms = _events_ms(fn, 3, 3)
+                    key = f"gemm_q4_T{t}_K10|{json.dumps(c)}"
+                    try:  # a config that fails (to compile, say) is recorded and the sweep goes on
+                        y = fn(0).float()
+                        ms = _events_ms(fn, 3, 3)
+                    except Exception:  # noqa: BLE001
+                        out[key] = {"error": traceback.format_exc()[-1500:]}
+                        continue
+                    err = None if ref is None else ((y - ref).abs().max() / ref.abs().max()).item()
+                    ref = y if ref is None else ref
                     flops = 2 * t * 10 * 3 * 4096 * 1024
-                    out[f"gemm_q4_T{t}_K10|{json.dumps(c)}"] = {"ms": ms, "TFLOP_s": flops / ms / 1e9}
+                    out[key] = {"ms": ms, "TFLOP_s": flops / ms / 1e9, "max_rel_vs_first": err}
         pool = table = None
         torch.cuda.empty_cache()
     # q4 with 32-element groups: the synthetic benchmark models' records (Q4_0-identical values), one more

@@ -140,9 +140,10 @@ def test_gemm_kernels_match_twin(bits, sdt, hidden, inter, group, xdt):
     x = torch.randn(t, hidden, device=DEV).to(xdt)
     ids, w = routing(t, k, 5, seed=7)
     ref = tk.gemm_twin(x, exps, ids.to(DEV), w.to(DEV))
-    got = tk.moe_gemm(x, table, ids.tolist(), w.to(DEV), cfg={"BM": 16})
-    assert got.dtype == xdt
-    assert rel(got, ref) < TOL[xdt]
+    for magic in (0, 1):  # weights dequantized through an int -> float conversion, or the bit trick
+        got = tk.moe_gemm(x, table, ids.tolist(), w.to(DEV), cfg={"BM": 16, "magic": magic})
+        assert got.dtype == xdt
+        assert rel(got, ref) < TOL[xdt], magic
 
 
 def test_forward_picks_decode_or_gemm_and_skips_nothing():

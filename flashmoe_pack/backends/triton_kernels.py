@@ -57,7 +57,7 @@ DECODE_MAX_T = 4  # up to this many tokens per layer use the GEMV kernels
 # GEMM: BM assignments x BN rows tiles.
 DECODE_CFG = {2: (8, 2048, 4), 4: (8, 1024, 4), 8: (8, 512, 4)}
 TUNED_FILE = Path(__file__).with_name("decode_configs.json")
-GEMM_CFG = {"BM": 64, "BN": 64, "BK": 64, "warps": 4, "stages": 3}
+GEMM_CFG = {"BM": 64, "BN": 64, "BK": 64, "warps": 4, "stages": 3, "magic": 0}  # magic: _dequant_tile's MAGIC
 
 
 @dataclass
@@ -284,8 +284,11 @@ if HAVE_TRITON:
 
     @triton.jit
     def _dequant_tile(w_ptr, s_ptr, w_off, s_off, b_off, rows, rmask, k0, n_in,
-                      BN: tl.constexpr, BK: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr):
-        """Weight tile [BN, BK] = q * scale + bias in float32 (callers round it to x's dtype)."""
+                      BN: tl.constexpr, BK: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr,
+                      MAGIC: tl.constexpr = 0):
+        """Weight tile [BN, BK] = q * scale + bias in float32 (callers round it to x's dtype). MAGIC: q read as
+        f = 1 + q / 2^BITS through _qmv's bit trick (no int -> float conversion), then
+        f * 2^BITS scale + (bias - 2^BITS scale); not yet timed on a GPU (GEMM_CFG["magic"], gpu_check)."""
         P: tl.constexpr = 32 // BITS
         BKW: tl.constexpr = BK // P
         NG: tl.constexpr = BK // G
@@ -295,18 +298,23 @@ if HAVE_TRITON:
         words = tl.load(w_ptr + w_off + rows[:, None] * n_words + cw[None, :],
                         mask=rmask[:, None] & (cw < n_words)[None, :], other=0)
         q = (words[:, :, None] >> (tl.arange(0, P) * BITS)[None, None, :]) & ((1 << BITS) - 1)
-        q = tl.reshape(q.to(tl.float32), (BN, NG, G))  # value j of a word at bits * j (MLX)
         cg = k0 // G + tl.arange(0, NG)
         gm = rmask[:, None] & (cg < n_groups)[None, :]
         gi = rows[:, None] * n_groups + cg[None, :]
         s = tl.load(s_ptr + s_off + gi, mask=gm, other=0.0).to(tl.float32)
         b = tl.load(s_ptr + b_off + gi, mask=gm, other=0.0).to(tl.float32)
+        if MAGIC:
+            f = ((q << (23 - BITS)) | 0x3F800000).to(tl.float32, bitcast=True)
+            f = tl.reshape(f, (BN, NG, G))  # value j of a word at bits * j (MLX)
+            s2 = s * (1 << BITS)
+            return tl.reshape(f * s2[:, :, None] + (b - s2)[:, :, None], (BN, BK))
+        q = tl.reshape(q.to(tl.float32), (BN, NG, G))  # value j of a word at bits * j (MLX)
         return tl.reshape(q * s[:, :, None] + b[:, :, None], (BN, BK))
 
     @triton.jit
     def _gemm(x_ptr, out_ptr, w_ptr, s_ptr, offs_ptr, order_ptr, tile_ptr, rw_ptr, n_in, n_out, K,
               DOWN: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr,
-              BN: tl.constexpr, BK: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr):
+              BN: tl.constexpr, BK: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, MAGIC: tl.constexpr):
         """One tile of BM assignments of one expert (tile_ptr rows: expert, lo, hi into `order`).
         gate+up (DOWN=0): x rows x[p // K] -> out[p] = silu(g) * u in out's dtype.
         down (DOWN=1): x rows h[p] -> out[p] = rw[p] * D h[p] in float32."""
@@ -333,13 +341,13 @@ if HAVE_TRITON:
             xt = tl.load(x_ptr + src[:, None] * n_in + cols[None, :], mask=xm, other=0.0)
             if DOWN:
                 w = _dequant_tile(w_ptr, s_ptr, tl.load(o + 2), tl.load(o + 7), tl.load(o + 8), rows, rmask,
-                                  k0, n_in, BN, BK, BITS, G)
+                                  k0, n_in, BN, BK, BITS, G, MAGIC)
                 acc += tl.dot(xt, tl.trans(w.to(x_ptr.dtype.element_ty)), input_precision=PREC)
             else:
                 wg = _dequant_tile(w_ptr, s_ptr, tl.load(o + 0), tl.load(o + 3), tl.load(o + 4), rows, rmask,
-                                   k0, n_in, BN, BK, BITS, G)
+                                   k0, n_in, BN, BK, BITS, G, MAGIC)
                 wu = _dequant_tile(w_ptr, s_ptr, tl.load(o + 1), tl.load(o + 5), tl.load(o + 6), rows, rmask,
-                                   k0, n_in, BN, BK, BITS, G)
+                                   k0, n_in, BN, BK, BITS, G, MAGIC)
                 acc += tl.dot(xt, tl.trans(wg.to(x_ptr.dtype.element_ty)), input_precision=PREC)
                 acc_u += tl.dot(xt, tl.trans(wu.to(x_ptr.dtype.element_ty)), input_precision=PREC)
         if DOWN:
@@ -477,7 +485,7 @@ def moe_gemm(x: torch.Tensor, table: ExpertTable, ids, rw: torch.Tensor, cfg: di
     h = torch.empty(t * k, table.inter, dtype=x.dtype, device=dev)
     y = torch.empty(t * k, table.hidden, dtype=torch.float32, device=dev)
     rwf = rw.reshape(-1).to(torch.float32).contiguous()
-    common = dict(PREC=prec, BM=c["BM"], BN=c["BN"], BK=max(c["BK"], g), BITS=table.bits, G=g,
+    common = dict(PREC=prec, BM=c["BM"], BN=c["BN"], BK=max(c["BK"], g), BITS=table.bits, G=g, MAGIC=c["magic"],
                   num_warps=c["warps"], num_stages=c["stages"])
     _gemm[(n_tiles, triton.cdiv(table.inter, c["BN"]))](
         x, h, table.words, table.scales, table.offs, order_d, tiles_d, rwf, table.hidden, table.inter, k,
