@@ -231,7 +231,10 @@ def pytest_gpu(out_dir: Path, timeout: float, phases=PYTEST_PHASES) -> dict:
             continue
         # no warnings, and a line per failure or error at the end, so the tail kept below names what failed
         # (2026-12-02: the kernels phase failed and its tail held only xdist's benchmark warnings)
-        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:warnings", "-rfE", *files]
+        # -v: a line per finished test, so a phase that times out still says which tests finished;
+        # faulthandler_timeout: a test running past 100 s dumps its threads' stacks (a wait that never ends)
+        cmd = [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "-p", "no:warnings", "-rfE",
+               "-o", "faulthandler_timeout=100", *files]
         if importlib.util.find_spec("xdist"):
             cmd += ["-n", "8"]
         try:
@@ -239,7 +242,9 @@ def pytest_gpu(out_dir: Path, timeout: float, phases=PYTEST_PHASES) -> dict:
         except subprocess.TimeoutExpired as e:
             log_ = "".join(x.decode(errors="replace") if isinstance(x, bytes) else x for x in (e.stdout, e.stderr) if x)
             (out_dir / f"pytest_{name}.log").write_text(log_)
-            out[name] = {"rc": None, "error": f"timed out after {left:.0f} s", "tail": log_[-1500:]}
+            done = [ln for ln in log_.splitlines() if " PASSED " in ln or " FAILED " in ln or " ERROR " in ln]
+            out[name] = {"rc": None, "error": f"timed out after {left:.0f} s", "finished": done,
+                         "tail": log_[-4000:]}
             continue
         (out_dir / f"pytest_{name}.log").write_text(p.stdout + p.stderr)
         failed = [ln for ln in p.stdout.splitlines() if ln.startswith(("FAILED", "ERROR"))]
