@@ -232,7 +232,8 @@ def pytest_gpu(out_dir: Path, timeout: float, phases=PYTEST_PHASES) -> dict:
         # no warnings, and a line per failure or error at the end, so the tail kept below names what failed
         # (2026-12-02: the kernels phase failed and its tail held only xdist's benchmark warnings)
         # -vv (with pyproject's -q): a line per finished test, so a phase that times out still says which
-        # tests finished; faulthandler_timeout: a test running past 100 s dumps its threads' stacks (a wait that never ends)
+        # tests finished; faulthandler_timeout: a test running past 100 s dumps its threads' stacks (a wait
+        # that never ends)
         cmd = [sys.executable, "-m", "pytest", "-vv", "-p", "no:cacheprovider", "-p", "no:warnings", "-rfE",
                "-o", "faulthandler_timeout=100", *files]
         if importlib.util.find_spec("xdist"):
