@@ -805,8 +805,8 @@ def table(res: dict, args) -> str:
     fr = res.get("flashmoe_resident", {}).get("runs", [])
     for r in fr:
         steady, med = r.get("decode_tok_s_excl_capture"), r.get("decode_tok_s_median")
-        tok_s = _f(r["decode_tok_s"]) + (f" ({_f(steady)} after capture" if steady else "") + (
-            f"{'; ' if steady else ' ('}median step {_f(med)}" if med else "") + (")" if steady or med else "")
+        extra = ([f"{_f(steady)} after capture"] if steady else []) + ([f"median step {_f(med)}"] if med else [])
+        tok_s = _f(r["decode_tok_s"]) + (f" ({'; '.join(extra)})" if extra else "")
         rows.append(f"| resident | flashmoe | {r['K']} | {tok_s} | {_f(r['ttft_s'], '{:.2f}')} | "
                     f"{r['vram_hit'] * 100:.0f}% | - | 0 | - | - | - | - |")
     for k in args.k:
