@@ -8,8 +8,9 @@ table is (pool viewed as int32, pool viewed as the scale dtype, slot * slot_elem
 Two kernel pairs, each with a torch twin that computes the same function:
   decode (T <= DECODE_MAX_T): one program per (row block, assignment) computes silu(gate x) * up x,
       then one per (row block, token) computes down h for the token's K experts and sums them with
-      their router weights. float32 throughout, in qmv_twin's (mps.py) FMA form: per 32-bit word
-      s1 = sum q*x, s2 = sum x, then scale * s1 + bias * s2 with the word's group.
+      their router weights (or, with a config's split, one per (row block, assignment), summed after by
+      _sum_k). float32 throughout, in qmv_twin's (mps.py) FMA form: per 32-bit word s1 = sum q*x,
+      s2 = sum x, then scale * s1 + bias * s2 with the word's group (values unpacked by a bit trick, _qmv).
   prefill (grouped GEMM): assignments sorted by expert, tiles of BM assignments of one expert;
       weight tiles are dequantized to x's dtype (as TorchKernel does) and multiplied with tl.dot,
       float32 accumulation; h = silu(g) * u is rounded to x's dtype; down writes each assignment's
