@@ -308,15 +308,17 @@ def _time_decode(tk, x, table, aexps, rw, k, cfg, nbytes, ref=None) -> dict:
 # outputs are checked against (DECODE_CFG); split 1 is the down product with a program per assignment. The
 # 2026-12-02c sweep (which also had the int -> float kernel, now gone) picked (8, 512, 2, 1) for q4, (4, 2048,
 # 2, 1) for q2 and (4, 512, 2, 1) for q8.
-# pair 1 (5th element): gate and up in one pass over the columns (_qmv_pair, first timed in the next sweep).
+# pair 1 (5th element): gate and up in one pass over the columns (_qmv_pair); align 1 (6th): 16-byte word loads
+# where the table allows; both first timed in the next sweep.
 _Q4 = [(8, 1024, 4), (8, 1024, 4, 1), (8, 512, 2), (8, 512, 2, 1), (4, 1024, 2, 1), (4, 512, 2, 1),
        (8, 256, 2, 1), (16, 1024, 4, 1), (8, 512, 2, 1, 1), (4, 512, 2, 1, 1), (8, 1024, 4, 1, 1),
-       (4, 1024, 4, 1, 1)]
+       (8, 512, 2, 1, 0, 1), (8, 512, 2, 1, 1, 1), (4, 512, 2, 1, 1, 1), (8, 1024, 4, 1, 1, 1),
+       (16, 1024, 4, 1, 1, 1)]
 DECODE_SWEEP = {4: _Q4,
                 2: [(8, 2048, 4), (8, 2048, 4, 1), (4, 2048, 2, 1), (4, 1024, 2, 1), (4, 2048, 2, 1, 1),
-                    (8, 1024, 4, 1, 1)],
+                    (4, 2048, 2, 1, 0, 1), (4, 2048, 2, 1, 1, 1), (8, 1024, 4, 1, 1, 1)],
                 8: [(8, 512, 4), (8, 512, 4, 1), (4, 512, 2, 1), (4, 256, 2, 1), (4, 512, 2, 1, 1),
-                    (8, 256, 2, 1, 1)]}
+                    (4, 512, 2, 1, 0, 1), (4, 512, 2, 1, 1, 1), (8, 256, 2, 1, 1, 1)]}
 
 
 # prefill GEMM tiles; magic 1: weights dequantized through the bit trick (_dequant_tile's MAGIC), not yet timed

@@ -112,12 +112,14 @@ def test_decode_kernels_match_twin(bits, sdt, hidden, inter, group, xdt):
     exps = make_experts(6, hidden, inter, bits, group, sdt, seed=bits + hidden)
     table = tk.table_from_experts(exps, hidden, inter)
     # the default (DECODE_CFG), then with float32 x other tiles, each down path (split 1: a program per
-    # assignment, then _sum_k) and each gate/up path (pair 1: one pass); 64-row blocks: partial row blocks too.
+    # assignment, then _sum_k), each gate/up path (pair 1: one pass) and the alignment hints (align 1, taken only
+    # where the table and the row lengths allow); 64-row blocks: partial row blocks too.
     # Other x dtypes take the default and one split + pair config (the interpreter is slow; x is read as
     # float32 either way)
-    cases = ((1, 4, None), (3, 2, (64, 64, 2, 1, 1)))
+    cases = ((1, 4, None), (3, 2, (64, 64, 2, 1, 1, 1)))
     if xdt == torch.float32:
-        cases += ((1, 4, (8, 64, 4)), (3, 2, (64, 64, 2)), (2, 3, (8, 128, 4, 1)), (1, 4, (16, 256, 4, 0, 1)))
+        cases += ((1, 4, (8, 64, 4)), (3, 2, (64, 64, 2)), (2, 3, (8, 128, 4, 1)), (1, 4, (16, 256, 4, 0, 1)),
+                  (1, 4, (8, 64, 4, 0, 0, 1)))
     for t, k, cfg in cases:
         x = torch.randn(t, hidden, device=DEV).to(xdt)
         ids, w = routing(t, k, 6, seed=t)
@@ -226,8 +228,27 @@ def test_shipped_tuned_configs_are_valid_launch_configs():
         for key, cfg in configs.items():
             bits, group = (int(v) for v in key.split("/"))
             assert bits in tk.BITS and group & (group - 1) == 0, (gpu, key)
-            bn, bk, warps, split, pair = tk._cfg5(tuple(cfg))
-            assert split in (0, 1) and pair in (0, 1) and bn & (bn - 1) == 0 and bk & (bk - 1) == 0, (gpu, key)
+            bn, bk, warps, split, pair, align = tk._cfg6(tuple(cfg))
+            assert split in (0, 1) and pair in (0, 1) and align in (0, 1), (gpu, key)
+            assert bn & (bn - 1) == 0 and bk & (bk - 1) == 0, (gpu, key)
         for cfg in {tuple(c) for c in configs.values()}:  # any listed config computes the twin's function
             got = tk.moe_decode(x, table, ids.reshape(-1).to(torch.int32).to(DEV), w.reshape(-1).to(DEV), 2, cfg)
             assert rel(got, ref) < TOL[torch.float32], (gpu, cfg)
+
+
+def test_tables_say_whether_word_rows_are_16_byte_aligned():
+    """ExpertTable.aligned (what a decode config's align relies on): true for the VRAM pool's slot tables and
+    for tensors at 16-byte offsets, false for experts whose words sit at an offset of 4 bytes."""
+    from flashmoe_pack.engine.gpu_cache import slot_table
+    from flashmoe_pack.pack import format as fmt
+
+    exps = make_experts(2, 64, 64, 4, 32, torch.float16, seed=1)
+    assert tk.table_from_experts(exps, 64, 64).aligned
+    lay = fmt.record_layout(64, 64, 4, 32, "float16")
+    pool = torch.zeros(3, fmt.align_up(lay.record_bytes, 256), dtype=torch.uint8)
+    assert slot_table(pool, lay, [0, 2], 4, 32, 64, 64).aligned
+    shifted = make_experts(1, 64, 64, 4, 32, torch.float16, seed=2)
+    buf = torch.zeros(shifted[0].gate.weight.numel() + 1, dtype=torch.int32, device=DEV)
+    buf[1:].copy_(shifted[0].gate.weight.reshape(-1))
+    shifted[0].gate.weight = buf[1:].view_as(shifted[0].gate.weight)  # 4 bytes past a 16-byte boundary
+    assert not tk.table_from_experts(shifted, 64, 64).aligned

@@ -46,9 +46,11 @@ BITS = (2, 4, 8)
 OFFS = ("gate.weight", "up.weight", "down.weight", "gate.scales", "gate.biases", "up.scales", "up.biases",
         "down.scales", "down.biases")
 DECODE_MAX_T = 4  # up to this many tokens per layer use the GEMV kernels
-# Decode launch configs: (rows per program, columns per step, warps[, split[, pair]]); split 1 computes the down
-# product with a program per assignment and sums the K rows after (_decode_down_each + _sum_k); pair 1 computes
-# gate and up in one pass (_qmv_pair: not yet run on a GPU, the next sweep times it). Tuned ones are data, keyed
+# Decode launch configs: (rows per program, columns per step, warps[, split[, pair[, align]]]); split 1 computes
+# the down product with a program per assignment and sums the K rows after (_decode_down_each + _sum_k); pair 1
+# computes gate and up in one pass (_qmv_pair); align 1 tells the compiler the word rows are 16-byte aligned
+# where the table says so (ExpertTable.aligned), for 16-byte loads. pair and align have not run on a GPU yet:
+# the next sweep times them. Tuned ones are data, keyed
 # by GPU name and "bits/group" (decode_configs.json beside this file, or the file FLASHMOE_DECODE_CONFIGS names),
 # written by scripts/gpu_check.py's sweep on that GPU; DECODE_CFG (by bits) serves the rest. H200, graph replay,
 # 397B geometry, K=10 (scripts/results/gpu_check_h200_2026-12-02c.json): _qmv with its bit-trick unpacking beat
@@ -72,6 +74,7 @@ class ExpertTable:
     group_size: int
     hidden: int  # H
     inter: int  # I
+    aligned: bool = False  # every word offset a multiple of 4 int32s (16 bytes): a config's align may rely on it
 
 
 def _base_offsets(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
@@ -96,7 +99,8 @@ def table_from_experts(experts: list, hidden: int, inter: int) -> ExpertTable:
     sb, so = _base_offsets(scales)
     rows = [wo[3 * i : 3 * i + 3] + so[6 * i : 6 * i + 6] for i in range(len(experts))]
     offs = torch.tensor(rows, dtype=torch.int64).to(wb.device)
-    return ExpertTable(wb, sb, offs, q0.bits, q0.group_size, hidden, inter)
+    aligned = wb.data_ptr() % 16 == 0 and all(o % 4 == 0 for r in rows for o in r[:3])
+    return ExpertTable(wb, sb, offs, q0.bits, q0.group_size, hidden, inter, aligned)
 
 
 def supported(qt: QTensor) -> bool:
@@ -158,17 +162,22 @@ if HAVE_TRITON:
 
     @triton.jit
     def _qmv(w_ptr, s_ptr, w_off, s_off, b_off, rows, rmask, xrow_ptr, n_in,
-             BN: tl.constexpr, BK: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr):
+             BN: tl.constexpr, BK: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, ALIGN: tl.constexpr):
         """y[rows] = W x over all n_in columns, x (any float dtype) read from xrow_ptr; float32, qmv_twin's
         per-word FMA form. [BN, BKW] tiles of words; the P values of a word are taken one shift at a time
         against x's every P-th column, with no int -> float conversion: value j's BITS bits are moved to the
         top of a float32 mantissa under exponent 0 (a shift, then and/or), which reads as f = 1 + q / 2^BITS
         exactly, and a word adds 2^BITS * scale * (sum f x - sum x) + bias * sum x (the conversions, at a
         fraction of the FMA rate, bound the kernel before: its GB/s fell as values per byte rose, q8 > q4 > q2).
-        Words' sums accumulate elementwise in [BN, BKW] and are reduced across the block once, at the end."""
+        Words' sums accumulate elementwise in [BN, BKW] and are reduced across the block once, at the end.
+        ALIGN: the caller vouches that w_off and the words per row are multiples of 4 (16-byte rows), which the
+        compiler cannot see in an offset read from the table, so the word loads may be 16 bytes wide."""
         P: tl.constexpr = 32 // BITS
         BKW: tl.constexpr = BK // P
         n_words = n_in // P
+        if ALIGN:
+            w_off = tl.multiple_of(w_off, 4)
+            n_words = tl.multiple_of(n_words, 4)
         acc = tl.zeros([BN, BKW], dtype=tl.float32)
         for k0 in range(0, n_in, BK):
             cw = k0 // P + tl.arange(0, BKW)
@@ -189,12 +198,16 @@ if HAVE_TRITON:
 
     @triton.jit
     def _qmv_pair(w_ptr, s_ptr, wa, sa, ba, wb, sb, bb, rows, rmask, xrow_ptr, n_in,
-                  BN: tl.constexpr, BK: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr):
+                  BN: tl.constexpr, BK: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, ALIGN: tl.constexpr):
         """(A x, B x) for two matrices of one shape (an expert's gate and up) in one pass over the columns:
         _qmv's arithmetic, with x's loads and sums shared and both matrices' words in flight together."""
         P: tl.constexpr = 32 // BITS
         BKW: tl.constexpr = BK // P
         n_words = n_in // P
+        if ALIGN:
+            wa = tl.multiple_of(wa, 4)
+            wb = tl.multiple_of(wb, 4)
+            n_words = tl.multiple_of(n_words, 4)
         acc_a = tl.zeros([BN, BKW], dtype=tl.float32)
         acc_b = tl.zeros([BN, BKW], dtype=tl.float32)
         for k0 in range(0, n_in, BK):
@@ -222,7 +235,7 @@ if HAVE_TRITON:
     @triton.jit
     def _decode_gate_up(x_ptr, h_ptr, w_ptr, s_ptr, offs_ptr, aexp_ptr, n_in, n_out, K,
                         BN: tl.constexpr, BK: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr,
-                        PAIR: tl.constexpr):
+                        PAIR: tl.constexpr, ALIGN: tl.constexpr):
         """h[a] = silu(G_e x_t) * (U_e x_t) for assignment a = t*K + k of expert e, float32; PAIR: both
         products in one pass (_qmv_pair), else one after the other."""
         pid_n = tl.program_id(0)
@@ -233,17 +246,17 @@ if HAVE_TRITON:
         xrow = x_ptr + (a // K) * n_in
         if PAIR:
             g, u = _qmv_pair(w_ptr, s_ptr, tl.load(o + 0), tl.load(o + 3), tl.load(o + 4), tl.load(o + 1),
-                             tl.load(o + 5), tl.load(o + 6), rows, rmask, xrow, n_in, BN, BK, BITS, G)
+                             tl.load(o + 5), tl.load(o + 6), rows, rmask, xrow, n_in, BN, BK, BITS, G, ALIGN)
         else:
             g = _qmv(w_ptr, s_ptr, tl.load(o + 0), tl.load(o + 3), tl.load(o + 4), rows, rmask, xrow, n_in,
-                     BN, BK, BITS, G)
+                     BN, BK, BITS, G, ALIGN)
             u = _qmv(w_ptr, s_ptr, tl.load(o + 1), tl.load(o + 5), tl.load(o + 6), rows, rmask, xrow, n_in,
-                     BN, BK, BITS, G)
+                     BN, BK, BITS, G, ALIGN)
         tl.store(h_ptr + a * n_out + rows, g / (1.0 + tl.exp(-g)) * u, mask=rmask)
 
     @triton.jit
     def _decode_down(h_ptr, out_ptr, w_ptr, s_ptr, offs_ptr, aexp_ptr, rw_ptr, n_in, n_out, K,
-                     BN: tl.constexpr, BK: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr):
+                     BN: tl.constexpr, BK: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, ALIGN: tl.constexpr):
         """out[t] = sum_k rw[t*K+k] * D_e h[t*K+k], summed in float32, stored in out's dtype."""
         pid_n = tl.program_id(0)
         t = tl.program_id(1)
@@ -254,13 +267,14 @@ if HAVE_TRITON:
             a = t * K + k
             o = offs_ptr + tl.load(aexp_ptr + a).to(tl.int64) * 9
             y = _qmv(w_ptr, s_ptr, tl.load(o + 2), tl.load(o + 7), tl.load(o + 8), rows, rmask,
-                     h_ptr + a * n_in, n_in, BN, BK, BITS, G)
+                     h_ptr + a * n_in, n_in, BN, BK, BITS, G, ALIGN)
             total += tl.load(rw_ptr + a).to(tl.float32) * y
         tl.store(out_ptr + t * n_out + rows, total.to(out_ptr.dtype.element_ty), mask=rmask)
 
     @triton.jit
     def _decode_down_each(h_ptr, y_ptr, w_ptr, s_ptr, offs_ptr, aexp_ptr, rw_ptr, n_in, n_out,
-                          BN: tl.constexpr, BK: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr):
+                          BN: tl.constexpr, BK: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr,
+                          ALIGN: tl.constexpr):
         """y[a] = rw[a] * D_e h[a], float32, one program per (row block, assignment): the K experts of a
         token are read in parallel rather than one after another (_sum_k adds them up)."""
         pid_n = tl.program_id(0)
@@ -269,7 +283,7 @@ if HAVE_TRITON:
         rmask = rows < n_out
         o = offs_ptr + tl.load(aexp_ptr + a).to(tl.int64) * 9
         y = _qmv(w_ptr, s_ptr, tl.load(o + 2), tl.load(o + 7), tl.load(o + 8), rows, rmask,
-                 h_ptr + a * n_in, n_in, BN, BK, BITS, G)
+                 h_ptr + a * n_in, n_in, BN, BK, BITS, G, ALIGN)
         tl.store(y_ptr + a * n_out + rows, tl.load(rw_ptr + a).to(tl.float32) * y, mask=rmask)
 
     @triton.jit
@@ -367,7 +381,7 @@ if HAVE_TRITON:
         t = tl.program_id(1)
         rows = pid_n * BN + tl.arange(0, BN)
         rmask = rows < n_out
-        y = _qmv(w_ptr, s_ptr, 0, s_off, b_off, rows, rmask, x_ptr + t * n_in, n_in, BN, BK, BITS, G)
+        y = _qmv(w_ptr, s_ptr, 0, s_off, b_off, rows, rmask, x_ptr + t * n_in, n_in, BN, BK, BITS, G, 0)
         tl.store(y_ptr + t * n_out + rows, y.to(y_ptr.dtype.element_ty), mask=rmask)
 
 
@@ -394,11 +408,11 @@ def _tuned(path: str) -> dict:
         for gpu, table in data.items():
             for key, cfg in table.items():
                 bits, group = (int(v) for v in key.split("/"))
-                if not (isinstance(cfg, list) and 3 <= len(cfg) <= 5 and all(isinstance(v, int) for v in cfg)):
-                    raise ValueError(f"{gpu!r} {key!r}: {cfg!r} is not a list of 3 to 5 ints")
+                if not (isinstance(cfg, list) and 3 <= len(cfg) <= 6 and all(isinstance(v, int) for v in cfg)):
+                    raise ValueError(f"{gpu!r} {key!r}: {cfg!r} is not a list of 3 to 6 ints")
     except (ValueError, AttributeError) as e:
         raise ValueError(f"{path}: not a decode-config file ({{gpu: {{'bits/group': [rows, cols, warps, "
-                         f"split, pair]}}}}): {e}") from None
+                         f"split, pair, align]}}}}): {e}") from None
     return data
 
 
@@ -417,11 +431,11 @@ def decode_cfg(bits: int, group: int, device: torch.device) -> tuple:
     return DECODE_CFG[bits]
 
 
-def _cfg5(cfg: tuple) -> tuple[int, int, int, int, int]:
-    """(rows per program, columns per step, warps[, split[, pair]]) with split and pair (default 0) filled in."""
-    if not 3 <= len(cfg) <= 5:
-        raise ValueError(f"decode config {cfg!r}: expected (rows, columns, warps[, split[, pair]])")
-    return tuple(cfg) + (0, 0)[len(cfg) - 3:]
+def _cfg6(cfg: tuple) -> tuple[int, int, int, int, int, int]:
+    """(rows per program, columns per step, warps[, split[, pair[, align]]]), the flags (default 0) filled in."""
+    if not 3 <= len(cfg) <= 6:
+        raise ValueError(f"decode config {cfg!r}: expected (rows, columns, warps[, split[, pair[, align]]])")
+    return tuple(cfg) + (0, 0, 0)[len(cfg) - 3:]
 
 
 def moe_decode(x: torch.Tensor, table: ExpertTable, aexp: torch.Tensor, rw: torch.Tensor, k: int,
@@ -431,24 +445,26 @@ def moe_decode(x: torch.Tensor, table: ExpertTable, aexp: torch.Tensor, rw: torc
     _check(x, table)
     t = x.shape[0]
     assert aexp.dtype == torch.int32 and aexp.numel() == t * k and rw.numel() == t * k
-    bn, bk, warps, split, pair = _cfg5(cfg or decode_cfg(table.bits, table.group_size, x.device))
+    bn, bk, warps, split, pair, align = _cfg6(cfg or decode_cfg(table.bits, table.group_size, x.device))
     g = table.group_size
+    p = 32 // table.bits  # values per word: 16-byte rows need words per row divisible by 4
+    align = int(bool(align) and table.aligned and (table.hidden // p) % 4 == 0 and (table.inter // p) % 4 == 0)
     bk_in, bk_mid = max(bk, g), max(min(bk, triton.next_power_of_2(table.inter)), g)
     h = torch.empty(t * k, table.inter, dtype=torch.float32, device=x.device)
     _decode_gate_up[(triton.cdiv(table.inter, bn), t * k)](
         x, h, table.words, table.scales, table.offs, aexp, table.hidden, table.inter, k,
-        BN=bn, BK=bk_in, BITS=table.bits, G=g, PAIR=pair, num_warps=warps)
+        BN=bn, BK=bk_in, BITS=table.bits, G=g, PAIR=pair, ALIGN=align, num_warps=warps)
     out = torch.empty_like(x)
     if split:
         y = torch.empty(t * k, table.hidden, dtype=torch.float32, device=x.device)
         _decode_down_each[(triton.cdiv(table.hidden, bn), t * k)](
             h, y, table.words, table.scales, table.offs, aexp, rw.contiguous(), table.inter, table.hidden,
-            BN=bn, BK=bk_mid, BITS=table.bits, G=g, num_warps=warps)
+            BN=bn, BK=bk_mid, BITS=table.bits, G=g, ALIGN=align, num_warps=warps)
         _sum_k[(triton.cdiv(table.hidden, 1024), t)](y, out, table.hidden, k, BLOCK=1024, num_warps=4)
         return out
     _decode_down[(triton.cdiv(table.hidden, bn), t)](
         h, out, table.words, table.scales, table.offs, aexp, rw.contiguous(), table.inter, table.hidden, k,
-        BN=bn, BK=bk_mid, BITS=table.bits, G=g, num_warps=warps)
+        BN=bn, BK=bk_mid, BITS=table.bits, G=g, ALIGN=align, num_warps=warps)
     return out
 
 
@@ -515,7 +531,7 @@ def qmatvec(x: torch.Tensor, qt: QTensor, out_dtype: torch.dtype | None = None,
     assert x.shape[1] == cols and cols % qt.group_size == 0 and qt.weight.is_contiguous()
     assert qt.scales.dtype == qt.biases.dtype and qt.scales.is_contiguous() and qt.biases.is_contiguous()
     base, (s_off, b_off) = _base_offsets([qt.scales, qt.biases])
-    bn, bk, warps, _, _ = _cfg5(cfg or decode_cfg(qt.bits, qt.group_size, x.device))
+    bn, bk, warps, _, _, _ = _cfg6(cfg or decode_cfg(qt.bits, qt.group_size, x.device))
     y = torch.empty(x.shape[0], rows, dtype=out_dtype or x.dtype, device=x.device)
     _qmatvec[(triton.cdiv(rows, bn), x.shape[0])](x, y, qt.weight, base, s_off, b_off, cols, rows, BN=bn,
                                                  BK=max(bk, qt.group_size), BITS=qt.bits, G=qt.group_size,

@@ -788,4 +788,5 @@ def slot_table(
     rows = [[s * p + c for p, c in zip(per, comp, strict=True)] for s in slots]
     pin = pool.device.type == "cuda"
     offs = torch.tensor(rows, dtype=torch.int64, pin_memory=pin).to(pool.device, non_blocking=True)
-    return ExpertTable(pool.view(torch.int32), pool.view(sdt), offs, bits, group_size, hidden, inter)
+    aligned = pool.data_ptr() % 16 == 0 and (slot_bytes // 4) % 4 == 0 and all(c % 4 == 0 for c in comp[:3])
+    return ExpertTable(pool.view(torch.int32), pool.view(sdt), offs, bits, group_size, hidden, inter, aligned)
