@@ -161,6 +161,14 @@ if HAVE_TRITON:
         return ((v & (((1 << BITS) - 1) << MB)) | 0x3F800000).to(tl.float32, bitcast=True)
 
     @triton.jit
+    def _fold(s_ptr, s_off, b_off, gi, wm, s1, xs, BITS: tl.constexpr):
+        """A [BN, BKW] tile of words' sums (s1 = sum f x per word, xs = sum x) -> their share of W x:
+        2^BITS * scale * (s1 - xs) + bias * xs with each word's group's scale and bias (_qmv's fold)."""
+        sc = tl.load(s_ptr + s_off + gi, mask=wm, other=0.0).to(tl.float32)
+        bi = tl.load(s_ptr + b_off + gi, mask=wm, other=0.0).to(tl.float32)
+        return sc * (1 << BITS) * (s1 - xs[None, :]) + bi * xs[None, :]
+
+    @triton.jit
     def _qmv(w_ptr, s_ptr, w_off, s_off, b_off, rows, rmask, xrow_ptr, n_in,
              BN: tl.constexpr, BK: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, ALIGN: tl.constexpr):
         """y[rows] = W x over all n_in columns, x (any float dtype) read from xrow_ptr; float32, qmv_twin's
@@ -191,9 +199,7 @@ if HAVE_TRITON:
                 s1 += _unpack(words, j, BITS) * xj[None, :]
                 xs += xj
             gi = rows[:, None] * (n_in // G) + (cw // (G // P))[None, :]
-            sc = tl.load(s_ptr + s_off + gi, mask=wm, other=0.0).to(tl.float32)
-            bi = tl.load(s_ptr + b_off + gi, mask=wm, other=0.0).to(tl.float32)
-            acc += sc * (1 << BITS) * (s1 - xs[None, :]) + bi * xs[None, :]
+            acc += _fold(s_ptr, s_off, b_off, gi, wm, s1, xs, BITS)
         return tl.sum(acc, axis=1)
 
     @triton.jit
@@ -226,10 +232,8 @@ if HAVE_TRITON:
                 s1b += _unpack(words_b, j, BITS) * xj[None, :]
                 xs += xj
             gi = rows[:, None] * (n_in // G) + (cw // (G // P))[None, :]
-            acc_a += (tl.load(s_ptr + sa + gi, mask=wm, other=0.0).to(tl.float32) * (1 << BITS) * (s1a - xs[None, :])
-                      + tl.load(s_ptr + ba + gi, mask=wm, other=0.0).to(tl.float32) * xs[None, :])
-            acc_b += (tl.load(s_ptr + sb + gi, mask=wm, other=0.0).to(tl.float32) * (1 << BITS) * (s1b - xs[None, :])
-                      + tl.load(s_ptr + bb + gi, mask=wm, other=0.0).to(tl.float32) * xs[None, :])
+            acc_a += _fold(s_ptr, sa, ba, gi, wm, s1a, xs, BITS)
+            acc_b += _fold(s_ptr, sb, bb, gi, wm, s1b, xs, BITS)
         return tl.sum(acc_a, axis=1), tl.sum(acc_b, axis=1)
 
     @triton.jit
