@@ -475,9 +475,12 @@ def profile_decode(m, steps: int, sync) -> dict:
     state = m.model.new_state()
     logits = m.model.forward(torch.arange(32), state, last_only=True)[-1]
     tok = int(logits.argmax())
-    for name, graph, kern in (("graph", "1", "1"), ("graph_no_layer_kernels", "1", "0"), ("eager", "0", "1"),
-                              ("eager_no_layer_kernels", "0", "0")):
+    # graph_exact: the decode kernels without int8 activations where the tuned configs have them
+    for name, graph, kern, i8 in (("graph", "1", "1", "1"), ("graph_exact", "1", "1", "0"),
+                                  ("graph_no_layer_kernels", "1", "0", "1"), ("eager", "0", "1", "1"),
+                                  ("eager_no_layer_kernels", "0", "0", "1")):
         os.environ["FLASHMOE_CUDA_GRAPH"], os.environ["FLASHMOE_CUDA_LAYER_KERNELS"] = graph, kern
+        os.environ["FLASHMOE_DECODE_I8"] = i8
         t = time.perf_counter()
         tok = int(m.decode_step(tok, state).argmax())  # captures here
         out[f"first_step_s_{name}"] = time.perf_counter() - t

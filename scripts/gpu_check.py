@@ -111,7 +111,11 @@ def conformance(tmp: Path) -> dict:
             progress=False,
         )
         c = flashmoe_pack.load(pq)
-        for budget_name, budget in (("all", "auto"), ("2_slots", slots_budget(pq, 2))):
+        # "exact": the decode kernels without int8 activations (FLASHMOE_DECODE_I8=0), where a picked config has
+        # them; the KL the rounding adds is the difference
+        for budget_name, budget, i8 in (("all", "auto", "1"), ("2_slots", slots_budget(pq, 2), "1"),
+                                        ("all_exact", "auto", "0")):
+            os.environ["FLASHMOE_DECODE_I8"] = i8
             g = flashmoe_pack.load(pq, device="cuda", gpu_expert_cache=budget)
             rs = [compare_logits(c.logits(ids), g.logits(ids).cpu()) for ids in PROMPTS]
             n = sum(r.tokens for r in rs)
@@ -124,6 +128,7 @@ def conformance(tmp: Path) -> dict:
                 "greedy_equal": gen_c == gen_g,
             }
             g.close()
+        os.environ.pop("FLASHMOE_DECODE_I8", None)
     # 8-bit resident matrices on the GPU (the Triton GEMV from packed words; `auto` picks bf16 on the H200),
     # against the same pack's CPU path with its own q8 residents (C kernels), and against bf16 residents
     pq = tmp / "q4g32bfloat16"
@@ -238,8 +243,11 @@ def pytest_gpu(out_dir: Path, timeout: float, phases=PYTEST_PHASES) -> dict:
                "-o", "faulthandler_timeout=100", *files]
         if importlib.util.find_spec("xdist"):
             cmd += ["-n", "8"]
+        # the tests' default configs without int8 activations (their explicit i8 cases still run those kernels):
+        # most GPU tests hold the float32 kernels to tolerances that int8 rounding exceeds
+        env = {**os.environ, "FLASHMOE_DECODE_I8": "0"}
         try:
-            p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=left)
+            p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=left, env=env)
         except subprocess.TimeoutExpired as e:
             log_ = "".join(x.decode(errors="replace") if isinstance(x, bytes) else x for x in (e.stdout, e.stderr) if x)
             (out_dir / f"pytest_{name}.log").write_text(log_)
@@ -310,15 +318,21 @@ def _time_decode(tk, x, table, aexps, rw, k, cfg, nbytes, ref=None) -> dict:
 # 2, 1) for q2 and (4, 512, 2, 1) for q8.
 # pair 1 (5th element): gate and up in one pass over the columns (_qmv_pair); align 1 (6th): 16-byte word loads
 # where the table allows; both first timed in the next sweep.
-_Q4 = [(8, 1024, 4), (8, 1024, 4, 1), (8, 512, 2), (8, 512, 2, 1), (4, 1024, 2, 1), (4, 512, 2, 1),
-       (8, 256, 2, 1), (16, 1024, 4, 1), (8, 512, 2, 1, 1), (4, 512, 2, 1, 1), (8, 1024, 4, 1, 1),
-       (8, 512, 2, 1, 0, 1), (8, 512, 2, 1, 1, 1), (4, 512, 2, 1, 1, 1), (8, 1024, 4, 1, 1, 1),
-       (16, 1024, 4, 1, 1, 1)]
+# i8 1 (7th): activations rounded to int8 per word span and the products in dp4a integer sums (_qmv_i8), a
+# fraction of _qmv's instructions per value (whose rate, not HBM, bounded it: ~2 T values/s whatever the bits);
+# first timed in the 2026-12-03 sweep, over more tile shapes since the balance of loads and arithmetic moves.
+_Q4 = [(8, 1024, 4), (8, 512, 2, 1), (4, 512, 2, 1), (4, 1024, 2, 1), (8, 512, 2, 1, 1), (4, 512, 2, 1, 1),
+       (8, 512, 2, 1, 0, 1), (8, 512, 2, 1, 1, 1), (4, 512, 2, 1, 1, 1),
+       (8, 512, 2, 1, 0, 1, 1), (8, 512, 2, 1, 1, 1, 1), (4, 512, 2, 1, 1, 1, 1), (8, 1024, 4, 1, 1, 1, 1),
+       (16, 512, 4, 1, 1, 1, 1), (8, 256, 2, 1, 1, 1, 1), (16, 1024, 4, 1, 1, 1, 1), (4, 1024, 2, 1, 1, 1, 1),
+       (8, 1024, 2, 1, 0, 1, 1)]
 DECODE_SWEEP = {4: _Q4,
-                2: [(8, 2048, 4), (8, 2048, 4, 1), (4, 2048, 2, 1), (4, 1024, 2, 1), (4, 2048, 2, 1, 1),
-                    (4, 2048, 2, 1, 0, 1), (4, 2048, 2, 1, 1, 1), (8, 1024, 4, 1, 1, 1)],
-                8: [(8, 512, 4), (8, 512, 4, 1), (4, 512, 2, 1), (4, 256, 2, 1), (4, 512, 2, 1, 1),
-                    (4, 512, 2, 1, 0, 1), (4, 512, 2, 1, 1, 1), (8, 256, 2, 1, 1, 1)]}
+                2: [(8, 2048, 4), (4, 2048, 2, 1), (4, 2048, 2, 1, 1), (4, 2048, 2, 1, 0, 1), (4, 2048, 2, 1, 1, 1),
+                    (4, 2048, 2, 1, 1, 1, 1), (8, 2048, 4, 1, 1, 1, 1), (8, 1024, 2, 1, 1, 1, 1),
+                    (4, 1024, 2, 1, 0, 1, 1), (16, 2048, 4, 1, 1, 1, 1)],
+                8: [(8, 512, 4), (4, 512, 2, 1), (4, 256, 2, 1), (4, 512, 2, 1, 1), (4, 512, 2, 1, 0, 1),
+                    (4, 512, 2, 1, 1, 1), (4, 512, 2, 1, 1, 1, 1), (8, 512, 4, 1, 1, 1, 1), (4, 256, 2, 1, 1, 1, 1),
+                    (8, 256, 2, 1, 0, 1, 1), (16, 512, 4, 1, 1, 1, 1)]}
 
 
 # prefill GEMM tiles; magic 1: weights dequantized through the bit trick (_dequant_tile's MAGIC), not yet timed
@@ -387,14 +401,21 @@ def kernel_bench() -> dict:
     return out
 
 
-def pick_best(kb: dict) -> dict:
+def pick_best(kb: dict, exact: bool = False) -> dict:
     """The fastest decode config per "bits/group" at K=10 (CUDA-graph time) whose output matched the
-    reference config's, as triton_kernels.decode_cfg reads them (json lists)."""
+    reference config's, as triton_kernels.decode_cfg reads them (json lists): within 1e-2 of the reference
+    (max |diff| / max |ref|), or 5e-2 for the configs whose products round activations to int8 (i8, the 7th
+    element; 2026-12-03 interpreter tests: ~0.8% relative error of an expert MLP). exact: none of those."""
     best = {}
     for bits, group in ((2, 64), (4, 64), (4, 32), (8, 64)):
         pre = f"decode_q{bits}g{group}_K10|"
-        dec = {k: v["graph_us"] for k, v in kb.items() if k.startswith(pre) and
-               isinstance(v.get("graph_us"), float) and (v.get("max_rel_vs_first") or 0.0) < 1e-2}
+        dec = {}
+        for k, v in kb.items():
+            if not (k.startswith(pre) and isinstance(v.get("graph_us"), float)):
+                continue
+            i8 = len(cfg := json.loads(k.split("|")[1])) == 7 and cfg[6] == 1
+            if (v.get("max_rel_vs_first") or 0.0) < (5e-2 if i8 else 1e-2) and not (exact and i8):
+                dec[k] = v["graph_us"]
         if dec:
             best[f"{bits}/{group}"] = json.loads(min(dec, key=dec.get).split("|")[1])
     return best
@@ -490,6 +511,7 @@ def main():
         save()
         best = pick_best(res.get("kernels", {}))
         res["picked_decode_cfg"] = best
+        res["picked_decode_cfg_exact"] = pick_best(res.get("kernels", {}), exact=True)
         if best:  # the tuned-configs file (triton_kernels.TUNED_FILE's format) for this GPU, used from here on
             cfg_file = a.out / "decode_configs.json"
             cfg_file.write_text(json.dumps({res["env"]["gpu"]: best}, indent=1) + "\n")

@@ -60,6 +60,7 @@ DECODE_MAX_T = 4  # up to this many tokens per layer use the GEMV kernels
 # GEMM: BM assignments x BN rows tiles.
 DECODE_CFG = {2: (8, 2048, 4), 4: (8, 1024, 4), 8: (8, 512, 4)}
 TUNED_FILE = Path(__file__).with_name("decode_configs.json")
+QUANT_BW = 64  # word spans per program of _quant_x
 GEMM_CFG = {"BM": 64, "BN": 64, "BK": 64, "warps": 4, "stages": 3, "magic": 0}  # magic: _dequant_tile's MAGIC
 
 
@@ -113,15 +114,29 @@ def supported(qt: QTensor) -> bool:
 # ------------------------------------------------------------------------------------------ twins
 
 
-def decode_twin(x: torch.Tensor, experts: list, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """The decode kernels' function: x [T, H], ids [T, K] into `experts`, weights [T, K] -> [T, H]."""
+def round_i8(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """x [..., n] rounded as _quant_x rounds it, back in float32: int8 per span of 32 // bits values, scale
+    max|x| / 127, halves rounded up."""
+    v = x.float().reshape(*x.shape[:-1], -1, 32 // bits)
+    m = v.abs().amax(-1, keepdim=True)
+    q = torch.floor(v * (127.0 / m.clamp_min(1e-30)) + 0.5)
+    return (q * (m / 127.0)).reshape(x.shape)
+
+
+def decode_twin(x: torch.Tensor, experts: list, ids: torch.Tensor, weights: torch.Tensor,
+                i8: bool = False) -> torch.Tensor:
+    """The decode kernels' function: x [T, H], ids [T, K] into `experts`, weights [T, K] -> [T, H].
+    i8: a config's i8 kernels', whose products take x and h rounded to int8 (round_i8)."""
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    bits = experts[int(ids[0, 0])].gate.bits
+    rnd = (lambda v: round_i8(v, bits)) if i8 else (lambda v: v)  # noqa: E731
     for t in range(x.shape[0]):
+        xt = rnd(x[t])
         for k in range(ids.shape[1]):
             w = experts[int(ids[t, k])]
-            g = qmv_twin(w.gate.weight, w.gate.scales, w.gate.biases, x[t], w.gate.bits, w.gate.group_size)
-            u = qmv_twin(w.up.weight, w.up.scales, w.up.biases, x[t], w.up.bits, w.up.group_size)
-            h = F.silu(g) * u  # float32 [I]
+            g = qmv_twin(w.gate.weight, w.gate.scales, w.gate.biases, xt, w.gate.bits, w.gate.group_size)
+            u = qmv_twin(w.up.weight, w.up.scales, w.up.biases, xt, w.up.bits, w.up.group_size)
+            h = rnd(F.silu(g) * u)  # float32 [I]
             y = qmv_twin(w.down.weight, w.down.scales, w.down.biases, h, w.down.bits, w.down.group_size)
             out[t] += weights[t, k].float() * y
     return out.to(x.dtype)
@@ -183,9 +198,9 @@ if HAVE_TRITON:
         P: tl.constexpr = 32 // BITS
         BKW: tl.constexpr = BK // P
         n_words = n_in // P
-        if ALIGN:
-            w_off = tl.multiple_of(w_off, 4)
-            n_words = tl.multiple_of(n_words, 4)
+        if ALIGN:  # (x // 4) * 4, a no-op here, is what tells the compiler (tl.multiple_of on a scalar does not)
+            w_off = (w_off // 4) * 4
+            n_words = (n_words // 4) * 4
         acc = tl.zeros([BN, BKW], dtype=tl.float32)
         for k0 in range(0, n_in, BK):
             cw = k0 // P + tl.arange(0, BKW)
@@ -210,10 +225,10 @@ if HAVE_TRITON:
         P: tl.constexpr = 32 // BITS
         BKW: tl.constexpr = BK // P
         n_words = n_in // P
-        if ALIGN:
-            wa = tl.multiple_of(wa, 4)
-            wb = tl.multiple_of(wb, 4)
-            n_words = tl.multiple_of(n_words, 4)
+        if ALIGN:  # as in _qmv
+            wa = (wa // 4) * 4
+            wb = (wb // 4) * 4
+            n_words = (n_words // 4) * 4
         acc_a = tl.zeros([BN, BKW], dtype=tl.float32)
         acc_b = tl.zeros([BN, BKW], dtype=tl.float32)
         for k0 in range(0, n_in, BK):
@@ -235,6 +250,136 @@ if HAVE_TRITON:
             acc_a += _fold(s_ptr, sa, ba, gi, wm, s1a, xs, BITS)
             acc_b += _fold(s_ptr, sb, bb, gi, wm, s1b, xs, BITS)
         return tl.sum(acc_a, axis=1), tl.sum(acc_b, axis=1)
+
+    @triton.jit
+    def _dp4a(a, b, c, ASM: tl.constexpr):
+        """c + the dot product of a's 4 bytes (unsigned) with b's (signed), int32: one dp4a instruction on the
+        GPU (ASM), the same sum in plain integer ops where inline asm cannot run (the CPU interpreter)."""
+        if ASM:
+            return tl.inline_asm_elementwise("dp4a.u32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c],
+                                             dtype=tl.int32, is_pure=True, pack=1)
+        else:
+            for i in tl.static_range(4):
+                c += ((a >> (8 * i)) & 0xFF) * ((b << (24 - 8 * i)) >> 24)
+            return c
+
+    @triton.jit
+    def _lane(words, j: tl.constexpr, BITS: tl.constexpr):
+        """Lane j of each word: values j, L+j, 2L+j, 3L+j (L = 8 // BITS), one per byte (_qmv_i8)."""
+        if BITS == 8:
+            return words
+        else:
+            return (words >> (j * BITS)) & (((1 << BITS) - 1) * 0x01010101)
+
+    @triton.jit
+    def _quant_x(x_ptr, xq_ptr, xf_ptr, n, BW: tl.constexpr, BITS: tl.constexpr):
+        """Rows of x [R, n] rounded to int8 per span of P = 32 // BITS values (a weight word's span), scale
+        max|x| / 127: xq [R, L, n / P] int32 (L = P / 4 lanes), lane j of span w holding its values j, L+j,
+        2L+j, 3L+j, a byte each, as _lane lays out the weights' values; xf [R, 2, n / P] float32, each span's
+        scale, then the sum of its rounded values (times the scale). One program per BW spans of a row."""
+        P: tl.constexpr = 32 // BITS
+        L: tl.constexpr = P // 4
+        r = tl.program_id(1)
+        nw = n // P
+        w = tl.program_id(0) * BW + tl.arange(0, BW)
+        wm = w < nw
+        b = tl.arange(0, 4)
+        idx = w[:, None, None] * P + b[None, :, None] * L + tl.arange(0, L)[None, None, :]
+        x = tl.load(x_ptr + r * n + idx, mask=wm[:, None, None], other=0.0).to(tl.float32)
+        m = tl.max(tl.max(tl.abs(x), axis=2), axis=1)
+        # divisions rounded as torch's (round_i8); Triton's plain float32 division is approximate
+        q = tl.floor(x * tl.div_rn(127.0, tl.maximum(m, 1e-30))[:, None, None] + 0.5).to(tl.int32)
+        packed = tl.sum((q & 0xFF) << (b * 8)[None, :, None], axis=1)  # disjoint bytes: the sum is their or
+        tl.store(xq_ptr + r * (nw * L) + tl.arange(0, L)[None, :] * nw + w[:, None], packed, mask=wm[:, None])
+        sx = tl.div_rn(m, 127.0)
+        tl.store(xf_ptr + r * 2 * nw + w, sx, mask=wm)
+        tl.store(xf_ptr + r * 2 * nw + nw + w, tl.sum(tl.sum(q, axis=2), axis=1).to(tl.float32) * sx, mask=wm)
+
+    @triton.jit
+    def _qmv_i8(w_ptr, s_ptr, wa, sa, ba, wb, sb, bb, rows, rmask, xq_ptr, xf_ptr, n_in,
+                BN: tl.constexpr, BK: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, ALIGN: tl.constexpr,
+                PAIR: tl.constexpr, ASM: tl.constexpr):
+        """(A x, B x) (B only with PAIR; else (A x, A x)) for x rounded to int8 per word span (_quant_x): the
+        exact dot products of the weights with the rounded x, as integer sums. Per word, its lanes (_lane)
+        against x's lanes give sum q xq in dp4a instructions (a few integer ops per 8 values at 4 bits, where
+        _qmv spends about four per value), then scale * sx * sum q xq + bias * sx * sum xq."""
+        P: tl.constexpr = 32 // BITS
+        L: tl.constexpr = P // 4
+        BKW: tl.constexpr = BK // P
+        n_words = n_in // P
+        if ALIGN:  # as in _qmv
+            wa = (wa // 4) * 4
+            n_words = (n_words // 4) * 4
+            if PAIR:  # (else wb is a placeholder 0)
+                wb = (wb // 4) * 4
+        acc_a = tl.zeros([BN, BKW], dtype=tl.float32)
+        acc_b = tl.zeros([BN, BKW], dtype=tl.float32)
+        for kw in range(0, n_words, BKW):
+            cw = tl.multiple_of(kw, BKW) + tl.arange(0, BKW)
+            cm = cw < n_words
+            wm = rmask[:, None] & cm[None, :]
+            wi = rows[:, None] * n_words + cw[None, :]
+            words_a = tl.load(w_ptr + wa + wi, mask=wm, other=0)
+            if PAIR:
+                words_b = tl.load(w_ptr + wb + wi, mask=wm, other=0)
+            ia = tl.zeros([BN, BKW], dtype=tl.int32)
+            ib = tl.zeros([BN, BKW], dtype=tl.int32)
+            for j in tl.static_range(L):
+                xj = tl.load(xq_ptr + j * n_words + cw, mask=cm, other=0)[None, :]
+                ia = _dp4a(_lane(words_a, j, BITS), xj, ia, ASM)
+                if PAIR:
+                    ib = _dp4a(_lane(words_b, j, BITS), xj, ib, ASM)
+            sx = tl.load(xf_ptr + cw, mask=cm, other=0)[None, :]
+            xs = tl.load(xf_ptr + n_words + cw, mask=cm, other=0)[None, :]
+            gi = rows[:, None] * (n_in // G) + (cw // (G // P))[None, :]
+            acc_a += (tl.load(s_ptr + sa + gi, mask=wm, other=0).to(tl.float32) * sx * ia.to(tl.float32)
+                      + tl.load(s_ptr + ba + gi, mask=wm, other=0).to(tl.float32) * xs)
+            if PAIR:
+                acc_b += (tl.load(s_ptr + sb + gi, mask=wm, other=0).to(tl.float32) * sx * ib.to(tl.float32)
+                          + tl.load(s_ptr + bb + gi, mask=wm, other=0).to(tl.float32) * xs)
+        a_x = tl.sum(acc_a, axis=1)
+        if PAIR:
+            return a_x, tl.sum(acc_b, axis=1)
+        else:
+            return a_x, a_x
+
+    @triton.jit
+    def _decode_gate_up_i8(xq_ptr, xf_ptr, h_ptr, w_ptr, s_ptr, offs_ptr, aexp_ptr, n_in, n_out, K,
+                           BN: tl.constexpr, BK: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr,
+                           PAIR: tl.constexpr, ALIGN: tl.constexpr, ASM: tl.constexpr):
+        """_decode_gate_up on x rounded to int8 (_quant_x's xq, xf) through _qmv_i8."""
+        pid_n = tl.program_id(0)
+        a = tl.program_id(1)
+        o = offs_ptr + tl.load(aexp_ptr + a).to(tl.int64) * 9
+        rows = pid_n * BN + tl.arange(0, BN)
+        rmask = rows < n_out
+        t = a // K
+        xq = xq_ptr + t * (n_in // 4)
+        xf = xf_ptr + t * (2 * (n_in // (32 // BITS)))
+        if PAIR:
+            g, u = _qmv_i8(w_ptr, s_ptr, tl.load(o + 0), tl.load(o + 3), tl.load(o + 4), tl.load(o + 1),
+                           tl.load(o + 5), tl.load(o + 6), rows, rmask, xq, xf, n_in, BN, BK, BITS, G, ALIGN, 1, ASM)
+        else:
+            g, _ = _qmv_i8(w_ptr, s_ptr, tl.load(o + 0), tl.load(o + 3), tl.load(o + 4), 0, 0, 0,
+                           rows, rmask, xq, xf, n_in, BN, BK, BITS, G, ALIGN, 0, ASM)
+            u, _ = _qmv_i8(w_ptr, s_ptr, tl.load(o + 1), tl.load(o + 5), tl.load(o + 6), 0, 0, 0,
+                           rows, rmask, xq, xf, n_in, BN, BK, BITS, G, ALIGN, 0, ASM)
+        tl.store(h_ptr + a * n_out + rows, g / (1.0 + tl.exp(-g)) * u, mask=rmask)
+
+    @triton.jit
+    def _decode_down_i8(hq_ptr, hf_ptr, y_ptr, w_ptr, s_ptr, offs_ptr, aexp_ptr, rw_ptr, n_in, n_out,
+                        BN: tl.constexpr, BK: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr,
+                        ALIGN: tl.constexpr, ASM: tl.constexpr):
+        """_decode_down_each on h rounded to int8 (_quant_x) through _qmv_i8."""
+        pid_n = tl.program_id(0)
+        a = tl.program_id(1)
+        rows = pid_n * BN + tl.arange(0, BN)
+        rmask = rows < n_out
+        o = offs_ptr + tl.load(aexp_ptr + a).to(tl.int64) * 9
+        y, _ = _qmv_i8(w_ptr, s_ptr, tl.load(o + 2), tl.load(o + 7), tl.load(o + 8), 0, 0, 0, rows, rmask,
+                       hq_ptr + a * (n_in // 4), hf_ptr + a * (2 * (n_in // (32 // BITS))), n_in,
+                       BN, BK, BITS, G, ALIGN, 0, ASM)
+        tl.store(y_ptr + a * n_out + rows, tl.load(rw_ptr + a).to(tl.float32) * y, mask=rmask)
 
     @triton.jit
     def _decode_gate_up(x_ptr, h_ptr, w_ptr, s_ptr, offs_ptr, aexp_ptr, n_in, n_out, K,
@@ -412,11 +557,11 @@ def _tuned(path: str) -> dict:
         for gpu, table in data.items():
             for key, cfg in table.items():
                 bits, group = (int(v) for v in key.split("/"))
-                if not (isinstance(cfg, list) and 3 <= len(cfg) <= 6 and all(isinstance(v, int) for v in cfg)):
-                    raise ValueError(f"{gpu!r} {key!r}: {cfg!r} is not a list of 3 to 6 ints")
+                if not (isinstance(cfg, list) and 3 <= len(cfg) <= 7 and all(isinstance(v, int) for v in cfg)):
+                    raise ValueError(f"{gpu!r} {key!r}: {cfg!r} is not a list of 3 to 7 ints")
     except (ValueError, AttributeError) as e:
         raise ValueError(f"{path}: not a decode-config file ({{gpu: {{'bits/group': [rows, cols, warps, "
-                         f"split, pair, align]}}}}): {e}") from None
+                         f"split, pair, align, i8]}}}}): {e}") from None
     return data
 
 
@@ -426,20 +571,23 @@ def _gpu_name(device: torch.device) -> str:
 
 
 def decode_cfg(bits: int, group: int, device: torch.device) -> tuple:
-    """The decode launch config for `bits`/`group` on `device`: tuned for its GPU where listed, else DECODE_CFG."""
+    """The decode launch config for `bits`/`group` on `device`: tuned for its GPU where listed, else DECODE_CFG.
+    FLASHMOE_DECODE_I8=0 takes a tuned config's i8 away (the float32 kernels, activations not rounded)."""
     if device.type == "cuda":
         table = _tuned(os.environ.get("FLASHMOE_DECODE_CONFIGS", str(TUNED_FILE))).get(_gpu_name(device), {})
         cfg = table.get(f"{bits}/{group}")
         if cfg is not None:
-            return tuple(cfg)
+            cfg = _cfg(tuple(cfg))
+            return cfg[:6] + (0,) if os.environ.get("FLASHMOE_DECODE_I8") == "0" else cfg
     return DECODE_CFG[bits]
 
 
-def _cfg6(cfg: tuple) -> tuple[int, int, int, int, int, int]:
-    """(rows per program, columns per step, warps[, split[, pair[, align]]]), the flags (default 0) filled in."""
-    if not 3 <= len(cfg) <= 6:
-        raise ValueError(f"decode config {cfg!r}: expected (rows, columns, warps[, split[, pair[, align]]])")
-    return tuple(cfg) + (0, 0, 0)[len(cfg) - 3:]
+def _cfg(cfg: tuple) -> tuple[int, int, int, int, int, int, int]:
+    """(rows per program, columns per step, warps[, split[, pair[, align[, i8]]]]), the flags (default 0) filled
+    in."""
+    if not 3 <= len(cfg) <= 7:
+        raise ValueError(f"decode config {cfg!r}: expected (rows, columns, warps[, split[, pair[, align[, i8]]]])")
+    return tuple(cfg) + (0, 0, 0, 0)[len(cfg) - 3:]
 
 
 def moe_decode(x: torch.Tensor, table: ExpertTable, aexp: torch.Tensor, rw: torch.Tensor, k: int,
@@ -449,11 +597,13 @@ def moe_decode(x: torch.Tensor, table: ExpertTable, aexp: torch.Tensor, rw: torc
     _check(x, table)
     t = x.shape[0]
     assert aexp.dtype == torch.int32 and aexp.numel() == t * k and rw.numel() == t * k
-    bn, bk, warps, split, pair, align = _cfg6(cfg or decode_cfg(table.bits, table.group_size, x.device))
+    bn, bk, warps, split, pair, align, i8 = _cfg(cfg or decode_cfg(table.bits, table.group_size, x.device))
     g = table.group_size
     p = 32 // table.bits  # values per word: 16-byte rows need words per row divisible by 4
     align = int(bool(align) and table.aligned and (table.hidden // p) % 4 == 0 and (table.inter // p) % 4 == 0)
     bk_in, bk_mid = max(bk, g), max(min(bk, triton.next_power_of_2(table.inter)), g)
+    if i8:
+        return _moe_decode_i8(x, table, aexp, rw, k, bn, bk_in, bk_mid, warps, pair, align)
     h = torch.empty(t * k, table.inter, dtype=torch.float32, device=x.device)
     _decode_gate_up[(triton.cdiv(table.inter, bn), t * k)](
         x, h, table.words, table.scales, table.offs, aexp, table.hidden, table.inter, k,
@@ -469,6 +619,37 @@ def moe_decode(x: torch.Tensor, table: ExpertTable, aexp: torch.Tensor, rw: torc
     _decode_down[(triton.cdiv(table.hidden, bn), t)](
         h, out, table.words, table.scales, table.offs, aexp, rw.contiguous(), table.inter, table.hidden, k,
         BN=bn, BK=bk_mid, BITS=table.bits, G=g, ALIGN=align, num_warps=warps)
+    return out
+
+
+def quant_rows_i8(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [R, n] -> (xq, xf) of _quant_x: int8 per span of 32 // bits values, laid out for _qmv_i8."""
+    r, n = x.shape
+    p = 32 // bits
+    xq = torch.empty(r, n // 4, dtype=torch.int32, device=x.device)
+    xf = torch.empty(r, 2 * (n // p), dtype=torch.float32, device=x.device)
+    _quant_x[(triton.cdiv(n // p, QUANT_BW), r)](x, xq, xf, n, BW=QUANT_BW, BITS=bits, num_warps=2)
+    return xq, xf
+
+
+def _moe_decode_i8(x, table: ExpertTable, aexp, rw, k: int, bn: int, bk_in: int, bk_mid: int, warps: int,
+                   pair: int, align: int) -> torch.Tensor:
+    """moe_decode with activations rounded to int8 per word span (a config's i8): x, then h, through
+    _quant_x; the products in dp4a integer sums (_qmv_i8); the down product a program per assignment."""
+    t, bits, g = x.shape[0], table.bits, table.group_size
+    asm = int(os.environ.get("TRITON_INTERPRET") != "1")  # the interpreter runs no inline asm
+    xq, xf = quant_rows_i8(x, bits)
+    h = torch.empty(t * k, table.inter, dtype=torch.float32, device=x.device)
+    _decode_gate_up_i8[(triton.cdiv(table.inter, bn), t * k)](
+        xq, xf, h, table.words, table.scales, table.offs, aexp, table.hidden, table.inter, k,
+        BN=bn, BK=bk_in, BITS=bits, G=g, PAIR=pair, ALIGN=align, ASM=asm, num_warps=warps)
+    hq, hf = quant_rows_i8(h, bits)
+    y = torch.empty(t * k, table.hidden, dtype=torch.float32, device=x.device)
+    _decode_down_i8[(triton.cdiv(table.hidden, bn), t * k)](
+        hq, hf, y, table.words, table.scales, table.offs, aexp, rw.contiguous(), table.inter, table.hidden,
+        BN=bn, BK=bk_mid, BITS=bits, G=g, ALIGN=align, ASM=asm, num_warps=warps)
+    out = torch.empty_like(x)
+    _sum_k[(triton.cdiv(table.hidden, 1024), t)](y, out, table.hidden, k, BLOCK=1024, num_warps=4)
     return out
 
 
@@ -535,7 +716,7 @@ def qmatvec(x: torch.Tensor, qt: QTensor, out_dtype: torch.dtype | None = None,
     assert x.shape[1] == cols and cols % qt.group_size == 0 and qt.weight.is_contiguous()
     assert qt.scales.dtype == qt.biases.dtype and qt.scales.is_contiguous() and qt.biases.is_contiguous()
     base, (s_off, b_off) = _base_offsets([qt.scales, qt.biases])
-    bn, bk, warps, _, _, _ = _cfg6(cfg or decode_cfg(qt.bits, qt.group_size, x.device))
+    bn, bk, warps, *_ = _cfg(cfg or decode_cfg(qt.bits, qt.group_size, x.device))
     y = torch.empty(x.shape[0], rows, dtype=out_dtype or x.dtype, device=x.device)
     _qmatvec[(triton.cdiv(rows, bn), x.shape[0])](x, y, qt.weight, base, s_off, b_off, cols, rows, BN=bn,
                                                  BK=max(bk, qt.group_size), BITS=qt.bits, G=qt.group_size,

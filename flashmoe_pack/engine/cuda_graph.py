@@ -67,7 +67,8 @@ class GraphedDecode:
     def _static_key(self) -> tuple:
         """What a capture bakes in besides the state's tensors: the experts object and its slot table, K."""
         return (id(self.experts), id(self.cache.resident_map()), self.model.config.num_experts_per_tok,
-                os.environ.get("FLASHMOE_CUDA_LAYER_KERNELS", "1"))  # (an A/B switch of models/layers.py)
+                os.environ.get("FLASHMOE_CUDA_LAYER_KERNELS", "1"),  # (A/B switches: models/layers.py's and
+                os.environ.get("FLASHMOE_DECODE_I8", "1"))  # the decode kernels' int8 activations)
 
     def _fits(self, state) -> bool:
         """The bound tensors can take `state`: same dtypes and shapes, KV buffers with room for position pos."""
