@@ -203,6 +203,7 @@ def test_decode_cfg_reads_tuned_configs_by_gpu_and_group(tmp_path, monkeypatch):
     """Tuned launch configs are data keyed by GPU name and bits/group; anything not listed takes DECODE_CFG,
     and a malformed file is refused with its path."""
     monkeypatch.setattr(tk, "_gpu_name", lambda device: "Fake GPU")
+    monkeypatch.delenv("FLASHMOE_DECODE_I8", raising=False)  # (gpu_check runs the tests with it set to 0)
     f = tmp_path / "cfg.json"
     f.write_text('{"Fake GPU": {"4/32": [16, 512, 4, 1], "8/64": [4, 512, 2, 1, 1, 1, 1]}, '
                  '"Other GPU": {"4/64": [4, 256, 2]}}')
@@ -255,8 +256,10 @@ def test_int8_activations_layout_and_cost(bits):
     vals = xq.view(torch.int8).reshape(3, p // 4, 96 // p, 4).permute(0, 2, 3, 1).reshape(3, 96).float()
     want = tk.round_i8(x, bits)
     scale = xf[:, : 96 // p].repeat_interleave(p, 1)
-    # the same values; on the GPU a fused multiply-add may round a value at a tie the other way
-    assert ((vals * scale - want).abs() <= 1.01 * scale).all() and (vals * scale != want).float().mean() < 0.02
+    # the same values: on the GPU torch divides by 127 through its reciprocal (an ulp off the kernel's scale, in a
+    # few spans: H200, 2026-12-03), and a fused multiply-add may round a value at a tie the other way
+    off = (vals * scale - want).abs() > 1e-5 * want.abs() + 1e-6
+    assert ((vals * scale - want).abs() <= 1.01 * scale).all() and off.float().mean() < 0.02
     assert torch.allclose(xf[:, 96 // p :], (vals * scale).reshape(3, -1, p).sum(-1), rtol=1e-5, atol=1e-5)
     assert vals.abs().max() == 127 and rel(want, x) < 2e-2
     exps = make_experts(4, 128, 96, bits, 32, torch.bfloat16, seed=bits)

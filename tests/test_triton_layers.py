@@ -132,7 +132,7 @@ def test_route_equals_softmax_topk(dtype, t, e, k):
         assert torch.equal(ids, want_ids)
     else:
         assert torch.equal(logits.cpu().gather(1, ids), logits.cpu().gather(1, want_ids))
-    close(w, want_w, dtype)
+    close(w.cpu(), want_w, dtype)  # (want_w is the CPU path's: on the GPU, w is compared on the CPU)
     torch.testing.assert_close(w.float().sum(-1).cpu(), torch.ones(t), rtol=1e-2, atol=1e-2)
 
 
