@@ -312,30 +312,27 @@ def _time_decode(tk, x, table, aexps, rw, k, cfg, nbytes, ref=None) -> dict:
             "max_rel_vs_first": err, "y": y}
 
 
-# (rows, columns per step, warps[, split]) per bits; the first of each list is the reference that the others'
-# outputs are checked against (DECODE_CFG); split 1 is the down product with a program per assignment. The
-# 2026-12-02c sweep (which also had the int -> float kernel, now gone) picked (8, 512, 2, 1) for q4, (4, 2048,
-# 2, 1) for q2 and (4, 512, 2, 1) for q8.
-# pair 1 (5th element): gate and up in one pass over the columns (_qmv_pair); align 1 (6th): 16-byte word loads
-# where the table allows; both first timed in the next sweep.
-# i8 1 (7th): activations rounded to int8 per word span and the products in dp4a integer sums (_qmv_i8), a
-# fraction of _qmv's instructions per value (whose rate, not HBM, bounded it: ~2 T values/s whatever the bits);
-# first timed in the 2026-12-03 sweep, over more tile shapes since the balance of loads and arithmetic moves.
-_Q4 = [(8, 1024, 4), (8, 512, 2, 1), (4, 512, 2, 1), (4, 1024, 2, 1), (8, 512, 2, 1, 1), (4, 512, 2, 1, 1),
-       (8, 512, 2, 1, 0, 1), (8, 512, 2, 1, 1, 1), (4, 512, 2, 1, 1, 1),
-       (8, 512, 2, 1, 0, 1, 1), (8, 512, 2, 1, 1, 1, 1), (4, 512, 2, 1, 1, 1, 1), (8, 1024, 4, 1, 1, 1, 1),
-       (16, 512, 4, 1, 1, 1, 1), (8, 256, 2, 1, 1, 1, 1), (16, 1024, 4, 1, 1, 1, 1), (4, 1024, 2, 1, 1, 1, 1),
-       (8, 1024, 2, 1, 0, 1, 1)]
+# (rows, columns per step, warps[, split[, pair[, align[, i8]]]]) per bits; the first of each list is the
+# reference that the others' outputs are checked against (DECODE_CFG); split 1 is the down product with a
+# program per assignment; pair 1 (5th): gate and up in one pass over the columns (_qmv_pair), a win in the
+# 2026-12-03 sweep; align 1 (6th): 16-byte word loads where the table allows, a loss there.
+# i8 1 (7th): activations rounded to int8 per word span and the products in dp4a integer sums (_qmv_i8). The
+# 2026-12-03 sweep (scripts/results/gpu_check_h200_2026-12-03.json) timed them with align 1 only, which slows
+# the float32 kernels by 28% (71.3 against 55.7 us at q4 g64): int8 without align, and narrower tiles, next.
+_Q4 = [(8, 1024, 4), (8, 512, 2, 1, 1), (4, 512, 2, 1, 1), (4, 1024, 2, 1, 1), (8, 512, 2, 1),
+       (4, 512, 2, 1, 1, 1, 1), (8, 512, 2, 1, 1, 0, 1), (4, 512, 2, 1, 1, 0, 1), (4, 1024, 2, 1, 1, 0, 1),
+       (8, 256, 2, 1, 1, 0, 1), (4, 256, 2, 1, 1, 0, 1), (8, 1024, 4, 1, 1, 0, 1), (2, 512, 1, 1, 1, 0, 1),
+       (4, 512, 1, 1, 1, 0, 1), (2, 1024, 1, 1, 1, 0, 1)]
 DECODE_SWEEP = {4: _Q4,
-                2: [(8, 2048, 4), (4, 2048, 2, 1), (4, 2048, 2, 1, 1), (4, 2048, 2, 1, 0, 1), (4, 2048, 2, 1, 1, 1),
-                    (4, 2048, 2, 1, 1, 1, 1), (8, 2048, 4, 1, 1, 1, 1), (8, 1024, 2, 1, 1, 1, 1),
-                    (4, 1024, 2, 1, 0, 1, 1), (16, 2048, 4, 1, 1, 1, 1)],
-                8: [(8, 512, 4), (4, 512, 2, 1), (4, 256, 2, 1), (4, 512, 2, 1, 1), (4, 512, 2, 1, 0, 1),
-                    (4, 512, 2, 1, 1, 1), (4, 512, 2, 1, 1, 1, 1), (8, 512, 4, 1, 1, 1, 1), (4, 256, 2, 1, 1, 1, 1),
-                    (8, 256, 2, 1, 0, 1, 1), (16, 512, 4, 1, 1, 1, 1)]}
+                2: [(8, 2048, 4), (4, 2048, 2, 1, 1), (4, 2048, 2, 1, 1, 1, 1), (4, 2048, 2, 1, 1, 0, 1),
+                    (8, 2048, 4, 1, 1, 0, 1), (4, 1024, 2, 1, 1, 0, 1), (2, 2048, 1, 1, 1, 0, 1),
+                    (8, 1024, 2, 1, 1, 0, 1)],
+                8: [(8, 512, 4), (4, 512, 2, 1, 1), (4, 256, 2, 1, 1), (4, 512, 2, 1, 1, 1, 1), (4, 512, 2, 1, 1, 0, 1),
+                    (4, 256, 2, 1, 1, 0, 1), (2, 512, 1, 1, 1, 0, 1), (8, 512, 4, 1, 1, 0, 1)]}
 
 
-# prefill GEMM tiles; magic 1: weights dequantized through the bit trick (_dequant_tile's MAGIC), not yet timed
+# prefill GEMM tiles; magic 1: weights dequantized through the bit trick (_dequant_tile's MAGIC): no gain on
+# the H200 (2026-12-03)
 GEMM_SWEEP = ({"BM": 64}, {"BM": 32}, {"BM": 64, "magic": 1}, {"BM": 32, "magic": 1}, {"BM": 16, "magic": 1})
 
 

@@ -6,7 +6,10 @@
 #   device: bash scripts/h200_session.sh start    # (carry .whl .llama) starts the pipeline, waits ~9 min
 #   device: bash scripts/h200_session.sh wait     # again within the machine's 30 s warm period, until "pipeline done"
 #           (2026-12-02c: start 541 s, wait 555 s, then WAIT_S=515 for the third call, which ended with 58 s of
-#           the 1,800 left: the 12-layer runs and the 35B case fit, the 2-layer A/B and transformers did not)
+#           the 1,800 left: the 12-layer runs and the 35B case fit, the 2-layer A/B and transformers did not;
+#           2026-12-03, SKIP="q35 hf": a failed start cost 91 s, then start 541, wait 557, wait 444 with 53 s left:
+#           the 12-layer runs and the 2-layer A/B. Only 8 files come back from $OUT: collect copies 7 at most,
+#           so copy nothing more into $OUT by hand, or the benchmark JSONs are the ones left behind)
 #   here:   DRY=1 D=/tmp/dry bash scripts/h200_session.sh pipeline   # the same steps on the CPU, tiny models
 #
 # The pipeline (2026-12-02: 28 minutes; the device budget is 30, the machine's start included):

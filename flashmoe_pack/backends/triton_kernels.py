@@ -46,17 +46,17 @@ BITS = (2, 4, 8)
 OFFS = ("gate.weight", "up.weight", "down.weight", "gate.scales", "gate.biases", "up.scales", "up.biases",
         "down.scales", "down.biases")
 DECODE_MAX_T = 4  # up to this many tokens per layer use the GEMV kernels
-# Decode launch configs: (rows per program, columns per step, warps[, split[, pair[, align]]]); split 1 computes
-# the down product with a program per assignment and sums the K rows after (_decode_down_each + _sum_k); pair 1
-# computes gate and up in one pass (_qmv_pair); align 1 tells the compiler the word rows are 16-byte aligned
-# where the table says so (ExpertTable.aligned), for 16-byte loads. pair and align have not run on a GPU yet:
-# the next sweep times them. Tuned ones are data, keyed
-# by GPU name and "bits/group" (decode_configs.json beside this file, or the file FLASHMOE_DECODE_CONFIGS names),
-# written by scripts/gpu_check.py's sweep on that GPU; DECODE_CFG (by bits) serves the rest. H200, graph replay,
-# 397B geometry, K=10 (scripts/results/gpu_check_h200_2026-12-02c.json): _qmv with its bit-trick unpacking beat
-# the same tiles converting each value int -> float (the kernel before it) in every bits and K: q4 g64 63 vs
-# 74 us, q8 97 vs 115, q2 75 vs 80; with the split down product, q4 g32 58 vs 76 and q8 81 vs 115 (~1.3 TB/s,
-# still a fraction of HBM's 4.8). An older variant reducing a [BN, BKW, P] tile over P lost to both (132 us).
+# Decode launch configs: (rows per program, columns per step, warps[, split[, pair[, align[, i8]]]]); split 1
+# computes the down product with a program per assignment and sums the K rows after (_decode_down_each +
+# _sum_k); pair 1 computes gate and up in one pass (_qmv_pair); align 1 tells the compiler the word rows are
+# 16-byte aligned where the table says so (ExpertTable.aligned), for 16-byte loads; i8 1 rounds the activations
+# to int8 per word span and computes the products as dp4a integer sums (_quant_x, _qmv_i8; twin round_i8).
+# Tuned ones are data, keyed by GPU name and "bits/group" (decode_configs.json beside this file, or the file
+# FLASHMOE_DECODE_CONFIGS names), written by scripts/gpu_check.py's sweep on that GPU; DECODE_CFG (by bits)
+# serves the rest. H200, graph replay, 397B geometry, K=10 (scripts/results/gpu_check_h200_2026-12-03.json):
+# pair wins (q4 g64 55.7 against 58.4 us), align loses (71.3), i8 wins at q2 only (38.8 against 62.5; q4 54.3
+# against 55.7, q8 80.1 against 74.1), ~1.3-1.8 TB/s, a fraction of HBM's 4.8. Before: _qmv's bit-trick
+# unpacking beat converting each value int -> float on the same tiles (q4 g64 63 against 74 us).
 # GEMM: BM assignments x BN rows tiles.
 DECODE_CFG = {2: (8, 2048, 4), 4: (8, 1024, 4), 8: (8, 512, 4)}
 TUNED_FILE = Path(__file__).with_name("decode_configs.json")
@@ -194,7 +194,8 @@ if HAVE_TRITON:
         fraction of the FMA rate, bound the kernel before: its GB/s fell as values per byte rose, q8 > q4 > q2).
         Words' sums accumulate elementwise in [BN, BKW] and are reduced across the block once, at the end.
         ALIGN: the caller vouches that w_off and the words per row are multiples of 4 (16-byte rows), which the
-        compiler cannot see in an offset read from the table, so the word loads may be 16 bytes wide."""
+        compiler cannot see in an offset read from the table, so the word loads may be 16 bytes wide (they are,
+        in sm_90 PTX; on the H200 that layout was slower, 2026-12-03)."""
         P: tl.constexpr = 32 // BITS
         BKW: tl.constexpr = BK // P
         n_words = n_in // P
@@ -452,7 +453,7 @@ if HAVE_TRITON:
                       MAGIC: tl.constexpr = 0):
         """Weight tile [BN, BK] = q * scale + bias in float32 (callers round it to x's dtype). MAGIC: q read as
         f = 1 + q / 2^BITS through _qmv's bit trick (no int -> float conversion), then
-        f * 2^BITS scale + (bias - 2^BITS scale); not yet timed on a GPU (GEMM_CFG["magic"], gpu_check)."""
+        f * 2^BITS scale + (bias - 2^BITS scale); no faster on the H200 (2026-12-03), so off by default."""
         P: tl.constexpr = 32 // BITS
         BKW: tl.constexpr = BK // P
         NG: tl.constexpr = BK // G
