@@ -121,11 +121,14 @@ def conformance(tmp: Path) -> dict:
             n = sum(r.tokens for r in rs)
             gen_c = list(c.generate_ids(PROMPTS[1], max_tokens=8, stop_ids=()))
             gen_g = list(g.generate_ids(PROMPTS[1], max_tokens=8, stop_ids=()))
+            dec = compare_logits(*decode_logits((c, g), PROMPTS[1], PROMPTS[2][:12]))
             out[f"q{bits}_g{group}_{rdt}_{budget_name}"] = {
                 "kl_vs_cpu": sum(r.kl * r.tokens for r in rs) / n,
                 "top1": sum(r.top1 * r.tokens for r in rs) / n,
                 "max_rel": max(r.max_rel for r in rs),
                 "greedy_equal": gen_c == gen_g,
+                # one token at a time (the decode kernels; the logits above are whole prompts, the GEMM's)
+                "decode_kl_vs_cpu": dec.kl, "decode_top1": dec.top1, "decode_max_rel": dec.max_rel,
             }
             g.close()
         os.environ.pop("FLASHMOE_DECODE_I8", None)
@@ -141,6 +144,17 @@ def conformance(tmp: Path) -> dict:
             out[f"resident_{mode}_vs_{name}"] = {"kl": sum(r.kl * r.tokens for r in rs) / n,
                                                   "top1": sum(r.top1 * r.tokens for r in rs) / n}
         g.close()
+    return out
+
+
+def decode_logits(models, prompt: list[int], feed: list[int]) -> list[torch.Tensor]:
+    """Each model's logits [len(feed), vocab] (CPU float32) for the same tokens fed one decode step at a time
+    after `prompt` (teacher forcing: every model sees the same inputs, whatever it would have picked)."""
+    out = []
+    for m in models:
+        state = m.model.new_state()
+        m.model.forward(torch.tensor(prompt), state, last_only=True)
+        out.append(torch.stack([m.decode_step(t, state).float().cpu() for t in feed]))
     return out
 
 

@@ -202,3 +202,22 @@ def test_gpu_check_picks_the_fastest_matching_config_in_the_tuned_file_format(tm
     monkeypatch.setenv("FLASHMOE_DECODE_CONFIGS", str(f))
     monkeypatch.setattr(tk, "_gpu_name", lambda device: "Fake GPU")
     assert tk.decode_cfg(4, 64, torch.device("cuda")) == (16, 1024, 4, 0, 0, 0, 0)
+
+
+def test_gpu_check_decode_logits_feed_the_same_tokens_one_step_at_a_time(packed4):
+    """gpu_check's decode comparison (the decode kernels' share of conformance): each model is fed the same
+    tokens one decode step at a time after the prompt, so its rows are the logits a whole-sequence forward
+    gives at those positions, and two models are compared on the same inputs."""
+    import flashmoe_pack
+
+    gc = load_script("gpu_check")
+    m = flashmoe_pack.load(packed4)
+    prompt, feed = [3, 9, 27, 81], [5, 7, 11]
+    a, b = gc.decode_logits((m, m), prompt, feed)
+    assert a.shape == (3, m.config.vocab_size) and torch.equal(a, b)
+    full = m.logits(prompt + feed)[len(prompt):]  # (the prefill path: the same function, other roundings)
+    from flashmoe_pack.verify import compare_logits
+
+    r = compare_logits(full, a)
+    assert r.kl < 1e-3 and r.top1 == 1.0, (r.kl, r.top1)
+    assert not torch.allclose(a[0], a[1])  # a different input each step
