@@ -615,8 +615,7 @@ def moe_decode(x: torch.Tensor, table: ExpertTable, aexp: torch.Tensor, rw: torc
         _decode_down_each[(triton.cdiv(table.hidden, bn), t * k)](
             h, y, table.words, table.scales, table.offs, aexp, rw.contiguous(), table.inter, table.hidden,
             BN=bn, BK=bk_mid, BITS=table.bits, G=g, ALIGN=align, num_warps=warps)
-        _sum_k[(triton.cdiv(table.hidden, 1024), t)](y, out, table.hidden, k, BLOCK=1024, num_warps=4)
-        return out
+        return sum_k(y, out, k)
     _decode_down[(triton.cdiv(table.hidden, bn), t)](
         h, out, table.words, table.scales, table.offs, aexp, rw.contiguous(), table.inter, table.hidden, k,
         BN=bn, BK=bk_mid, BITS=table.bits, G=g, ALIGN=align, num_warps=warps)
@@ -649,8 +648,13 @@ def _moe_decode_i8(x, table: ExpertTable, aexp, rw, k: int, bn: int, bk_in: int,
     _decode_down_i8[(triton.cdiv(table.hidden, bn), t * k)](
         hq, hf, y, table.words, table.scales, table.offs, aexp, rw.contiguous(), table.inter, table.hidden,
         BN=bn, BK=bk_mid, BITS=bits, G=g, ALIGN=align, ASM=asm, num_warps=warps)
-    out = torch.empty_like(x)
-    _sum_k[(triton.cdiv(table.hidden, 1024), t)](y, out, table.hidden, k, BLOCK=1024, num_warps=4)
+    return sum_k(y, torch.empty_like(x), k)
+
+
+def sum_k(y: torch.Tensor, out: torch.Tensor, k: int) -> torch.Tensor:
+    """out [T, H] = the K float32 rows of each token in y [T*K, H] summed in order (_sum_k), in out's dtype."""
+    n = out.shape[1]
+    _sum_k[(triton.cdiv(n, 1024), out.shape[0])](y, out, n, k, BLOCK=1024, num_warps=4)
     return out
 
 
