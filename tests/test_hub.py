@@ -159,8 +159,17 @@ def test_errors_are_hub_errors_naming_repo_and_file(served, tmp_path):
 
 
 def _on_disk(d: Path) -> int:
-    """Shards present in scratch, finished or being written by huggingface_hub."""
-    return len(list(d.glob("*.safetensors"))) + len(list(d.rglob("*.incomplete")))
+    """Shards present in scratch, finished or being written by huggingface_hub. The two globs are not one
+    snapshot: a shard deleted and the next one started between them would count twice (seen once in CI,
+    2026-12-03), so scan until two scans in a row agree."""
+
+    def scan():
+        return sorted(map(str, [*d.glob("*.safetensors"), *d.rglob("*.incomplete")]))
+
+    a, b = scan(), scan()
+    while a != b:
+        a, b = b, scan()
+    return len(a)
 
 
 @pytest.mark.parametrize("prefetch", [True, False])
