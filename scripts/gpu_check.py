@@ -328,23 +328,26 @@ def _time_decode(tk, x, table, aexps, rw, k, cfg, nbytes, ref=None) -> dict:
             "max_rel_vs_first": err, "y": y}
 
 
-# (rows, columns per step, warps[, split[, pair[, align[, i8]]]]) per bits; the first of each list is the
-# reference that the others' outputs are checked against (DECODE_CFG); split 1 is the down product with a
+# (rows, columns per step, warps[, split[, pair[, align[, i8[, down rows]]]]]) per bits; the first of each list is
+# the reference that the others' outputs are checked against (DECODE_CFG); split 1 is the down product with a
 # program per assignment; pair 1 (5th): gate and up in one pass over the columns (_qmv_pair), a win in the
-# 2026-12-03 sweep; align 1 (6th): 16-byte word loads where the table allows, a loss there.
-# i8 1 (7th): activations rounded to int8 per word span and the products in dp4a integer sums (_qmv_i8). The
-# 2026-12-03 sweep (scripts/results/gpu_check_h200_2026-12-03.json) timed them with align 1 only, which slows
-# the float32 kernels by 28% (71.3 against 55.7 us at q4 g64): int8 without align, and narrower tiles, next.
-_Q4 = [(8, 1024, 4), (8, 512, 2, 1, 1), (4, 512, 2, 1, 1), (4, 1024, 2, 1, 1), (8, 512, 2, 1),
-       (4, 512, 2, 1, 1, 1, 1), (8, 512, 2, 1, 1, 0, 1), (4, 512, 2, 1, 1, 0, 1), (4, 1024, 2, 1, 1, 0, 1),
-       (8, 256, 2, 1, 1, 0, 1), (4, 256, 2, 1, 1, 0, 1), (8, 1024, 4, 1, 1, 0, 1), (2, 512, 1, 1, 1, 0, 1),
-       (4, 512, 1, 1, 1, 0, 1), (2, 1024, 1, 1, 1, 0, 1)]
+# 2026-12-03 sweep; align 1 (6th): 16-byte word loads where the table allows, a loss there for the float32
+# kernels. i8 (7th): activations rounded to int8 and the products in dp4a integer sums (_qmv_i8): 1, a scale per
+# word span, won at q2 only in that sweep (scripts/results/gpu_check_h200_2026-12-03.json); 2, a scale per weight
+# group, so a group's words sum as integers and fold once (a third of the scale loads and FMAs at q4 g64), with
+# 16-byte loads (align) and whole rows per step: one warp per row or two, and down rows (8th) that give the down
+# kernel's programs (rows of I = 1024 columns) as many bytes as the gate/up ones.
+_Q4 = [(8, 1024, 4), (8, 512, 2, 1, 1), (4, 512, 2, 1, 1, 1, 1), (4, 512, 2, 1, 1, 0, 1),
+       (4, 2048, 2, 1, 1, 1, 2), (4, 2048, 2, 1, 1, 0, 2), (1, 4096, 1, 1, 1, 1, 2, 4), (2, 4096, 2, 1, 1, 1, 2, 8),
+       (4, 4096, 4, 1, 1, 1, 2, 16), (2, 4096, 1, 1, 1, 1, 2, 4), (1, 4096, 1, 1, 1, 1, 2, 8),
+       (4, 4096, 2, 1, 1, 1, 2, 8), (4, 1024, 2, 1, 1, 1, 2), (8, 1024, 4, 1, 1, 1, 2, 16)]
 DECODE_SWEEP = {4: _Q4,
-                2: [(8, 2048, 4), (4, 2048, 2, 1, 1), (4, 2048, 2, 1, 1, 1, 1), (4, 2048, 2, 1, 1, 0, 1),
-                    (8, 2048, 4, 1, 1, 0, 1), (4, 1024, 2, 1, 1, 0, 1), (2, 2048, 1, 1, 1, 0, 1),
-                    (8, 1024, 2, 1, 1, 0, 1)],
-                8: [(8, 512, 4), (4, 512, 2, 1, 1), (4, 256, 2, 1, 1), (4, 512, 2, 1, 1, 1, 1), (4, 512, 2, 1, 1, 0, 1),
-                    (4, 256, 2, 1, 1, 0, 1), (2, 512, 1, 1, 1, 0, 1), (8, 512, 4, 1, 1, 0, 1)]}
+                2: [(8, 2048, 4), (4, 2048, 2, 1, 1), (4, 2048, 2, 1, 1, 1, 1), (4, 2048, 2, 1, 1, 1, 2),
+                    (1, 4096, 1, 1, 1, 1, 2, 4), (2, 4096, 2, 1, 1, 1, 2, 8), (4, 4096, 4, 1, 1, 1, 2, 16),
+                    (2, 4096, 1, 1, 1, 1, 2, 8)],
+                8: [(8, 512, 4), (4, 512, 2, 1, 1), (4, 512, 2, 1, 1, 1, 1), (4, 512, 2, 1, 1, 1, 2),
+                    (1, 4096, 1, 1, 1, 1, 2, 4), (2, 4096, 2, 1, 1, 1, 2, 8), (1, 2048, 1, 1, 1, 1, 2, 4),
+                    (4, 1024, 4, 1, 1, 1, 2, 8)]}
 
 
 # prefill GEMM tiles; magic 1: weights dequantized through the bit trick (_dequant_tile's MAGIC): no gain on
@@ -431,7 +434,7 @@ def pick_best(kb: dict, exact: bool = False) -> dict:
         for k, v in kb.items():
             if not (k.startswith(pre) and isinstance(v.get("graph_us"), float)):
                 continue
-            i8 = len(cfg := json.loads(k.split("|")[1])) == 7 and cfg[6] == 1
+            i8 = len(cfg := json.loads(k.split("|")[1])) >= 7 and cfg[6] in (1, 2)
             if (v.get("max_rel_vs_first") or 0.0) < (5e-2 if i8 else 1e-2):
                 dec[i8][k] = v["graph_us"]
         fast = {i8: min(d, key=d.get) for i8, d in dec.items() if d}
@@ -539,7 +542,7 @@ def main():
             cfg_file.write_text(json.dumps({res["env"]["gpu"]: best}, indent=1) + "\n")
             os.environ["FLASHMOE_DECODE_CONFIGS"] = str(cfg_file)
     if not a.skip_conformance:
-        i8 = any(len(c) == 7 and c[6] for c in res.get("picked_decode_cfg", {}).values())
+        i8 = any(len(c) >= 7 and c[6] for c in res.get("picked_decode_cfg", {}).values())
         section(res, "conformance", conformance, tmp, i8)
         save()
     section(res, "graph", graph_check, tmp)

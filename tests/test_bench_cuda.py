@@ -192,16 +192,17 @@ def test_gpu_check_picks_the_fastest_matching_config_in_the_tuned_file_format(tm
         "decode_q2g64_K10|[8, 2048, 4]": {"graph_us": 80.0, "max_rel_vs_first": None},
         "decode_q2g64_K10|[8, 2048, 4, 1, 1, 1, 1]": {"graph_us": 30.0, "max_rel_vs_first": 2e-2},
         "decode_q4g32_K10|[8, 512, 2, 1, 1, 1, 1]": {"graph_us": 30.0, "max_rel_vs_first": 0.2},
+        "decode_q4g32_K10|[4, 4096, 1, 1, 1, 1, 2, 8]": {"graph_us": 50.0, "max_rel_vs_first": 3e-2},  # (i8 2)
         "decode_q4g64_K10|[8, 1024, 4, 1, 1, 1, 1]": {"graph_us": 38.0, "max_rel_vs_first": 1e-2},  # 5% only
     }
     best = gc.pick_best(kb)
-    assert best == {"4/64": [16, 1024, 4], "4/32": [8, 1024, 4], "2/64": [8, 2048, 4, 1, 1, 1, 1]}
+    assert best == {"4/64": [16, 1024, 4], "4/32": [4, 4096, 1, 1, 1, 1, 2, 8], "2/64": [8, 2048, 4, 1, 1, 1, 1]}
     assert gc.pick_best(kb, exact=True) == {"4/64": [16, 1024, 4], "4/32": [8, 1024, 4], "2/64": [8, 2048, 4]}
     f = tmp_path / "decode_configs.json"
     f.write_text(json.dumps({"Fake GPU": best}))
     monkeypatch.setenv("FLASHMOE_DECODE_CONFIGS", str(f))
     monkeypatch.setattr(tk, "_gpu_name", lambda device: "Fake GPU")
-    assert tk.decode_cfg(4, 64, torch.device("cuda")) == (16, 1024, 4, 0, 0, 0, 0)
+    assert tk.decode_cfg(4, 64, torch.device("cuda")) == (16, 1024, 4, 0, 0, 0, 0, 0)
 
 
 def test_gpu_check_decode_logits_feed_the_same_tokens_one_step_at_a_time(packed4):

@@ -116,15 +116,17 @@ def test_decode_kernels_match_twin(bits, sdt, hidden, inter, group, xdt):
     # where the table and the row lengths allow); 64-row blocks: partial row blocks too.
     # Other x dtypes take the default and one split + pair config (the interpreter is slow; x is read as
     # float32 either way)
-    # i8 1 (7th, float32 x only: the interpreter is slow): activations rounded to int8, against the i8 twin
+    # i8 (7th, float32 x only: the interpreter is slow): activations rounded to int8 per word span (1) or per
+    # weight group (2), against the i8 twin
     cases = ((1, 4, None), (3, 2, (64, 64, 2, 1, 1, 1)))
     if xdt == torch.float32:
         cases += ((1, 4, (8, 64, 4)), (3, 2, (64, 64, 2)), (2, 3, (8, 128, 4, 1)), (1, 4, (16, 256, 4, 0, 1)),
-                  (1, 4, (8, 64, 4, 0, 0, 1)), (2, 2, (16, 128, 4, 1, 0, 1, 1)))  # (i8 with pair: shipped-config test)
+                  (1, 4, (8, 64, 4, 0, 0, 1)), (2, 2, (16, 128, 4, 1, 0, 1, 1)),
+                  (1, 3, (2, 256, 2, 1, 1, 0, 2, 8)))  # (i8 1 with pair: the shipped-config test; 8 down rows)
     for t, k, cfg in cases:
         x = torch.randn(t, hidden, device=DEV).to(xdt)
         ids, w = routing(t, k, 6, seed=t)
-        i8 = bool(tk._cfg(cfg or tk.decode_cfg(bits, group, DEV))[6])  # (a tuned default may round to int8)
+        i8 = tk._cfg(cfg or tk.decode_cfg(bits, group, DEV))[6]  # (a tuned default may round to int8)
         ref = tk.decode_twin(x.float(), exps, ids.to(DEV), w.to(DEV), i8)  # float32; rounding compared below
         aexp = ids.reshape(-1).to(torch.int32).to(DEV)
         got = tk.moe_decode(x, table, aexp, w.reshape(-1).to(DEV), k, cfg)
@@ -205,16 +207,16 @@ def test_decode_cfg_reads_tuned_configs_by_gpu_and_group(tmp_path, monkeypatch):
     monkeypatch.setattr(tk, "_gpu_name", lambda device: "Fake GPU")
     monkeypatch.delenv("FLASHMOE_DECODE_I8", raising=False)  # (gpu_check runs the tests with it set to 0)
     f = tmp_path / "cfg.json"
-    f.write_text('{"Fake GPU": {"4/32": [16, 512, 4, 1], "8/64": [4, 512, 2, 1, 1, 1, 1]}, '
+    f.write_text('{"Fake GPU": {"4/32": [16, 512, 4, 1], "8/64": [4, 512, 2, 1, 1, 1, 2, 8]}, '
                  '"Other GPU": {"4/64": [4, 256, 2]}}')
     monkeypatch.setenv("FLASHMOE_DECODE_CONFIGS", str(f))
     cuda = torch.device("cuda")
-    assert tk.decode_cfg(4, 32, cuda) == (16, 512, 4, 1, 0, 0, 0)
+    assert tk.decode_cfg(4, 32, cuda) == (16, 512, 4, 1, 0, 0, 0, 0)
     assert tk.decode_cfg(4, 64, cuda) == tk.DECODE_CFG[4]  # listed for another GPU only
     assert tk.decode_cfg(4, 32, torch.device("cpu")) == tk.DECODE_CFG[4]
-    assert tk.decode_cfg(8, 64, cuda) == (4, 512, 2, 1, 1, 1, 1)
+    assert tk.decode_cfg(8, 64, cuda) == (4, 512, 2, 1, 1, 1, 2, 8)
     monkeypatch.setenv("FLASHMOE_DECODE_I8", "0")  # the float32 kernels asked for: the tuned tiles, no int8
-    assert tk.decode_cfg(8, 64, cuda) == (4, 512, 2, 1, 1, 1, 0)
+    assert tk.decode_cfg(8, 64, cuda) == (4, 512, 2, 1, 1, 1, 0, 8)
     bad = tmp_path / "bad.json"
     bad.write_text('{"Fake GPU": {"4/32": [16, "x"]}}')
     monkeypatch.setenv("FLASHMOE_DECODE_CONFIGS", str(bad))
@@ -235,38 +237,40 @@ def test_shipped_tuned_configs_are_valid_launch_configs():
         for key, cfg in configs.items():
             bits, group = (int(v) for v in key.split("/"))
             assert bits in tk.BITS and group & (group - 1) == 0, (gpu, key)
-            bn, bk, warps, split, pair, align, i8 = tk._cfg(tuple(cfg))
-            assert {split, pair, align, i8} <= {0, 1}, (gpu, key)
-            assert bn & (bn - 1) == 0 and bk & (bk - 1) == 0, (gpu, key)
+            bn, bk, warps, split, pair, align, i8, bn_dn = tk._cfg(tuple(cfg))
+            assert {split, pair, align} <= {0, 1} and i8 in (0, 1, 2), (gpu, key)
+            assert bn & (bn - 1) == 0 and bk & (bk - 1) == 0 and bn_dn & (bn_dn - 1) == 0, (gpu, key)
         for cfg in {tuple(c) for c in configs.values()}:  # any listed config computes the twin's function
             got = tk.moe_decode(x, table, ids.reshape(-1).to(torch.int32).to(DEV), w.reshape(-1).to(DEV), 2, cfg)
-            want = ref if not tk._cfg(cfg)[6] else tk.decode_twin(x, exps, ids.to(DEV), w.to(DEV), True)
+            want = ref if not tk._cfg(cfg)[6] else tk.decode_twin(x, exps, ids.to(DEV), w.to(DEV), tk._cfg(cfg)[6])
             assert rel(got, want) < TOL[torch.float32], (gpu, cfg)
 
 
-@pytest.mark.parametrize("bits", [2, 4, 8])
-def test_int8_activations_layout_and_cost(bits):
-    """_quant_x's rows: lane j's bytes are each span's values j, L+j, 2L+j, 3L+j as round_i8 rounds them,
-    with the span's scale and rounded sum beside; and what the rounding costs an expert MLP (i8 twin against
-    the exact one) stays at the level of bf16 activations, not of the 2-4 bit weights."""
+@pytest.mark.parametrize("bits,i8", [(2, 1), (4, 1), (8, 1), (2, 2), (4, 2), (8, 2)])
+def test_int8_activations_layout_and_cost(bits, i8):
+    """_quant_x's rows: lane j's bytes are each word span's values j, L+j, 2L+j, 3L+j as round_i8 rounds them
+    (per word span, i8 1, or per 32-value weight group, i8 2), with each span's scale and rounded sum beside;
+    and what the rounding costs an expert MLP (i8 twin against the exact one) stays at the level of bf16
+    activations, not of the 2-4 bit weights."""
     g = torch.Generator().manual_seed(bits)
     x = (torch.randn(3, 96, generator=g) * torch.linspace(0.01, 10, 96)).to(DEV)  # spans of unlike scale
-    xq, xf = tk.quant_rows_i8(x, bits)
+    span = tk.i8_span(i8, bits, 32)
+    xq, xf = tk.quant_rows_i8(x, bits, span)
     p = 32 // bits
     vals = xq.view(torch.int8).reshape(3, p // 4, 96 // p, 4).permute(0, 2, 3, 1).reshape(3, 96).float()
-    want = tk.round_i8(x, bits)
-    scale = xf[:, : 96 // p].repeat_interleave(p, 1)
+    want = tk.round_i8(x, span)
+    scale = xf[:, : 96 // span].repeat_interleave(span, 1)
     # the same values: on the GPU torch divides by 127 through its reciprocal (an ulp off the kernel's scale, in a
     # few spans: H200, 2026-12-03), and a fused multiply-add may round a value at a tie the other way
     off = (vals * scale - want).abs() > 1e-5 * want.abs() + 1e-6
     assert ((vals * scale - want).abs() <= 1.01 * scale).all() and off.float().mean() < 0.02
-    assert torch.allclose(xf[:, 96 // p :], (vals * scale).reshape(3, -1, p).sum(-1), rtol=1e-5, atol=1e-5)
+    assert torch.allclose(xf[:, 96 // span :], (vals * scale).reshape(3, -1, span).sum(-1), rtol=1e-5, atol=1e-5)
     assert vals.abs().max() == 127 and rel(want, x) < 2e-2
     exps = make_experts(4, 128, 96, bits, 32, torch.bfloat16, seed=bits)
     xs = torch.randn(4, 128, generator=g).to(DEV)
     ids, w = routing(4, 2, 4, seed=2)
     exact = tk.decode_twin(xs, exps, ids.to(DEV), w.to(DEV))
-    assert 1e-4 < rel(tk.decode_twin(xs, exps, ids.to(DEV), w.to(DEV), True), exact) < 2e-2
+    assert 1e-4 < rel(tk.decode_twin(xs, exps, ids.to(DEV), w.to(DEV), i8), exact) < 2e-2
 
 
 def test_tables_say_whether_word_rows_are_16_byte_aligned():

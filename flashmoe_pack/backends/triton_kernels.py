@@ -46,11 +46,13 @@ BITS = (2, 4, 8)
 OFFS = ("gate.weight", "up.weight", "down.weight", "gate.scales", "gate.biases", "up.scales", "up.biases",
         "down.scales", "down.biases")
 DECODE_MAX_T = 4  # up to this many tokens per layer use the GEMV kernels
-# Decode launch configs: (rows per program, columns per step, warps[, split[, pair[, align[, i8]]]]); split 1
+# Decode launch configs: (rows per program, columns per step, warps[, split[, pair[, align[, i8[, down rows]]]]]),
+# down rows (0: rows) for the down kernel's programs, whose rows are shorter (I against H columns); split 1
 # computes the down product with a program per assignment and sums the K rows after (_decode_down_each +
 # _sum_k); pair 1 computes gate and up in one pass (_qmv_pair); align 1 tells the compiler the word rows are
 # 16-byte aligned where the table says so (ExpertTable.aligned), for 16-byte loads; i8 1 rounds the activations
-# to int8 per word span and computes the products as dp4a integer sums (_quant_x, _qmv_i8; twin round_i8).
+# to int8 per word span and computes the products as dp4a integer sums (_quant_x, _qmv_i8; twin round_i8), i8 2
+# the same with one activation scale per weight group, so a group's words sum as integers and fold once.
 # Tuned ones are data, keyed by GPU name and "bits/group" (decode_configs.json beside this file, or the file
 # FLASHMOE_DECODE_CONFIGS names), written by scripts/gpu_check.py's sweep on that GPU; DECODE_CFG (by bits)
 # serves the rest. H200, graph replay, 397B geometry, K=10 (scripts/results/gpu_check_h200_2026-12-03.json):
@@ -114,22 +116,29 @@ def supported(qt: QTensor) -> bool:
 # ------------------------------------------------------------------------------------------ twins
 
 
-def round_i8(x: torch.Tensor, bits: int) -> torch.Tensor:
-    """x [..., n] rounded as _quant_x rounds it, back in float32: int8 per span of 32 // bits values, scale
+def i8_span(i8: int, bits: int, group: int) -> int:
+    """Values per activation scale of a config's i8: 1 -> a weight word's span (32 // bits), 2 -> a weight
+    group's (group), so that a group's integer sums need one scale (see _qmv_i8)."""
+    return {1: 32 // bits, 2: group}[i8]
+
+
+def round_i8(x: torch.Tensor, span: int) -> torch.Tensor:
+    """x [..., n] rounded as _quant_x rounds it, back in float32: int8 per span of `span` values, scale
     max|x| / 127, halves rounded up."""
-    v = x.float().reshape(*x.shape[:-1], -1, 32 // bits)
+    v = x.float().reshape(*x.shape[:-1], -1, span)
     m = v.abs().amax(-1, keepdim=True)
     q = torch.floor(v * (127.0 / m.clamp_min(1e-30)) + 0.5)
     return (q * (m / 127.0)).reshape(x.shape)
 
 
 def decode_twin(x: torch.Tensor, experts: list, ids: torch.Tensor, weights: torch.Tensor,
-                i8: bool = False) -> torch.Tensor:
+                i8: int = 0) -> torch.Tensor:
     """The decode kernels' function: x [T, H], ids [T, K] into `experts`, weights [T, K] -> [T, H].
-    i8: a config's i8 kernels', whose products take x and h rounded to int8 (round_i8)."""
+    i8 (1 or 2): a config's i8 kernels', whose products take x and h rounded to int8 (round_i8, i8_span)."""
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-    bits = experts[int(ids[0, 0])].gate.bits
-    rnd = (lambda v: round_i8(v, bits)) if i8 else (lambda v: v)  # noqa: E731
+    q0 = experts[int(ids[0, 0])].gate
+    span = i8_span(int(i8), q0.bits, q0.group_size) if i8 else 0
+    rnd = (lambda v: round_i8(v, span)) if i8 else (lambda v: v)  # noqa: E731
     for t in range(x.shape[0]):
         xt = rnd(x[t])
         for k in range(ids.shape[1]):
@@ -273,71 +282,85 @@ if HAVE_TRITON:
             return (words >> (j * BITS)) & (((1 << BITS) - 1) * 0x01010101)
 
     @triton.jit
-    def _quant_x(x_ptr, xq_ptr, xf_ptr, n, BW: tl.constexpr, BITS: tl.constexpr):
-        """Rows of x [R, n] rounded to int8 per span of P = 32 // BITS values (a weight word's span), scale
-        max|x| / 127: xq [R, L, n / P] int32 (L = P / 4 lanes), lane j of span w holding its values j, L+j,
-        2L+j, 3L+j, a byte each, as _lane lays out the weights' values; xf [R, 2, n / P] float32, each span's
-        scale, then the sum of its rounded values (times the scale). One program per BW spans of a row."""
+    def _quant_x(x_ptr, xq_ptr, xf_ptr, n, BW: tl.constexpr, BITS: tl.constexpr, S: tl.constexpr):
+        """Rows of x [R, n] rounded to int8 per span of S values (a multiple of a weight word's P = 32 // BITS),
+        scale max|x| / 127: xq [R, L, n / P] int32 (L = P / 4 lanes), lane j of word span w holding its values
+        j, L+j, 2L+j, 3L+j, a byte each, as _lane lays out the weights' values; xf [R, 2, n / S] float32, each
+        span's scale, then the sum of its rounded values (times the scale). One program per BW spans of a row."""
         P: tl.constexpr = 32 // BITS
         L: tl.constexpr = P // 4
+        WS: tl.constexpr = S // P  # word spans per span
         r = tl.program_id(1)
         nw = n // P
-        w = tl.program_id(0) * BW + tl.arange(0, BW)
-        wm = w < nw
+        ns = n // S
+        sp = tl.program_id(0) * BW + tl.arange(0, BW)
+        sm = sp < ns
+        w = sp[:, None] * WS + tl.arange(0, WS)[None, :]  # [BW, WS] word spans
         b = tl.arange(0, 4)
-        idx = w[:, None, None] * P + b[None, :, None] * L + tl.arange(0, L)[None, None, :]
-        x = tl.load(x_ptr + r * n + idx, mask=wm[:, None, None], other=0.0).to(tl.float32)
-        m = tl.max(tl.max(tl.abs(x), axis=2), axis=1)
+        idx = w[:, :, None, None] * P + b[None, None, :, None] * L + tl.arange(0, L)[None, None, None, :]
+        x = tl.load(x_ptr + r * n + idx, mask=sm[:, None, None, None], other=0.0).to(tl.float32)
+        m = tl.max(tl.max(tl.max(tl.abs(x), axis=3), axis=2), axis=1)
         # divisions rounded as torch's (round_i8); Triton's plain float32 division is approximate
-        q = tl.floor(x * tl.div_rn(127.0, tl.maximum(m, 1e-30))[:, None, None] + 0.5).to(tl.int32)
-        packed = tl.sum((q & 0xFF) << (b * 8)[None, :, None], axis=1)  # disjoint bytes: the sum is their or
-        tl.store(xq_ptr + r * (nw * L) + tl.arange(0, L)[None, :] * nw + w[:, None], packed, mask=wm[:, None])
+        q = tl.floor(x * tl.div_rn(127.0, tl.maximum(m, 1e-30))[:, None, None, None] + 0.5).to(tl.int32)
+        packed = tl.sum((q & 0xFF) << (b * 8)[None, None, :, None], axis=2)  # disjoint bytes: the sum is their or
+        tl.store(xq_ptr + r * (nw * L) + tl.arange(0, L)[None, None, :] * nw + w[:, :, None], packed,
+                 mask=sm[:, None, None])
         sx = tl.div_rn(m, 127.0)
-        tl.store(xf_ptr + r * 2 * nw + w, sx, mask=wm)
-        tl.store(xf_ptr + r * 2 * nw + nw + w, tl.sum(tl.sum(q, axis=2), axis=1).to(tl.float32) * sx, mask=wm)
+        tl.store(xf_ptr + r * 2 * ns + sp, sx, mask=sm)
+        qs = tl.sum(tl.sum(tl.sum(q, axis=3), axis=2), axis=1)
+        tl.store(xf_ptr + r * 2 * ns + ns + sp, qs.to(tl.float32) * sx, mask=sm)
 
     @triton.jit
     def _qmv_i8(w_ptr, s_ptr, wa, sa, ba, wb, sb, bb, rows, rmask, xq_ptr, xf_ptr, n_in,
-                BN: tl.constexpr, BK: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, ALIGN: tl.constexpr,
-                PAIR: tl.constexpr, ASM: tl.constexpr):
-        """(A x, B x) (B only with PAIR; else (A x, A x)) for x rounded to int8 per word span (_quant_x): the
-        exact dot products of the weights with the rounded x, as integer sums. Per word, its lanes (_lane)
-        against x's lanes give sum q xq in dp4a instructions (a few integer ops per 8 values at 4 bits, where
-        _qmv spends about four per value), then scale * sx * sum q xq + bias * sx * sum xq."""
+                BN: tl.constexpr, BK: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, S: tl.constexpr,
+                ALIGN: tl.constexpr, PAIR: tl.constexpr, ASM: tl.constexpr):
+        """(A x, B x) (B only with PAIR; else (A x, A x)) for x rounded to int8 per span of S values (_quant_x;
+        S divides G): the exact dot products of the weights with the rounded x, as integer sums. [BN, NS, WS]
+        tiles of words (NS spans of WS words); per word, its lanes (_lane) against x's lanes give sum q xq in
+        dp4a instructions (a few integer ops per 8 values at 4 bits, where _qmv spends about four per value);
+        a span's words are summed as integers, then scale * sx * sum q xq + bias * sx * sum xq once per span,
+        with its weight group's scale and bias: with S = G one fold (two scale loads) per group, not per word."""
         P: tl.constexpr = 32 // BITS
         L: tl.constexpr = P // 4
-        BKW: tl.constexpr = BK // P
+        WS: tl.constexpr = S // P
+        NS: tl.constexpr = BK // S
         n_words = n_in // P
+        n_sp = n_in // S
         if ALIGN:  # as in _qmv
             wa = (wa // 4) * 4
             n_words = (n_words // 4) * 4
             if PAIR:  # (else wb is a placeholder 0)
                 wb = (wb // 4) * 4
-        acc_a = tl.zeros([BN, BKW], dtype=tl.float32)
-        acc_b = tl.zeros([BN, BKW], dtype=tl.float32)
-        for kw in range(0, n_words, BKW):
-            cw = tl.multiple_of(kw, BKW) + tl.arange(0, BKW)
-            cm = cw < n_words
-            wm = rmask[:, None] & cm[None, :]
-            wi = rows[:, None] * n_words + cw[None, :]
+        acc_a = tl.zeros([BN, NS], dtype=tl.float32)
+        acc_b = tl.zeros([BN, NS], dtype=tl.float32)
+        for k0 in range(0, n_sp, NS):
+            sp = tl.multiple_of(k0, NS) + tl.arange(0, NS)
+            spm = sp < n_sp
+            cw = sp[:, None] * WS + tl.arange(0, WS)[None, :]  # [NS, WS] word columns
+            cm = spm[:, None]
+            wm = rmask[:, None, None] & cm[None, :, :]
+            wi = rows[:, None, None] * n_words + cw[None, :, :]
             words_a = tl.load(w_ptr + wa + wi, mask=wm, other=0)
             if PAIR:
                 words_b = tl.load(w_ptr + wb + wi, mask=wm, other=0)
-            ia = tl.zeros([BN, BKW], dtype=tl.int32)
-            ib = tl.zeros([BN, BKW], dtype=tl.int32)
+            ia = tl.zeros([BN, NS, WS], dtype=tl.int32)
+            ib = tl.zeros([BN, NS, WS], dtype=tl.int32)
             for j in tl.static_range(L):
-                xj = tl.load(xq_ptr + j * n_words + cw, mask=cm, other=0)[None, :]
+                xj = tl.load(xq_ptr + j * n_words + cw, mask=cm, other=0)[None, :, :]
                 ia = _dp4a(_lane(words_a, j, BITS), xj, ia, ASM)
                 if PAIR:
                     ib = _dp4a(_lane(words_b, j, BITS), xj, ib, ASM)
-            sx = tl.load(xf_ptr + cw, mask=cm, other=0)[None, :]
-            xs = tl.load(xf_ptr + n_words + cw, mask=cm, other=0)[None, :]
-            gi = rows[:, None] * (n_in // G) + (cw // (G // P))[None, :]
-            acc_a += (tl.load(s_ptr + sa + gi, mask=wm, other=0).to(tl.float32) * sx * ia.to(tl.float32)
-                      + tl.load(s_ptr + ba + gi, mask=wm, other=0).to(tl.float32) * xs)
+            sx = tl.load(xf_ptr + sp, mask=spm, other=0)[None, :]
+            xs = tl.load(xf_ptr + n_sp + sp, mask=spm, other=0)[None, :]
+            gm = rmask[:, None] & spm[None, :]
+            gi = rows[:, None] * (n_in // G) + (sp // (G // S))[None, :]
+            acc_a += (tl.load(s_ptr + sa + gi, mask=gm, other=0).to(tl.float32) * sx
+                      * tl.sum(ia, axis=2).to(tl.float32)
+                      + tl.load(s_ptr + ba + gi, mask=gm, other=0).to(tl.float32) * xs)
             if PAIR:
-                acc_b += (tl.load(s_ptr + sb + gi, mask=wm, other=0).to(tl.float32) * sx * ib.to(tl.float32)
-                          + tl.load(s_ptr + bb + gi, mask=wm, other=0).to(tl.float32) * xs)
+                acc_b += (tl.load(s_ptr + sb + gi, mask=gm, other=0).to(tl.float32) * sx
+                          * tl.sum(ib, axis=2).to(tl.float32)
+                          + tl.load(s_ptr + bb + gi, mask=gm, other=0).to(tl.float32) * xs)
         a_x = tl.sum(acc_a, axis=1)
         if PAIR:
             return a_x, tl.sum(acc_b, axis=1)
@@ -347,8 +370,8 @@ if HAVE_TRITON:
     @triton.jit
     def _decode_gate_up_i8(xq_ptr, xf_ptr, h_ptr, w_ptr, s_ptr, offs_ptr, aexp_ptr, n_in, n_out, K,
                            BN: tl.constexpr, BK: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr,
-                           PAIR: tl.constexpr, ALIGN: tl.constexpr, ASM: tl.constexpr):
-        """_decode_gate_up on x rounded to int8 (_quant_x's xq, xf) through _qmv_i8."""
+                           S: tl.constexpr, PAIR: tl.constexpr, ALIGN: tl.constexpr, ASM: tl.constexpr):
+        """_decode_gate_up on x rounded to int8 per span of S values (_quant_x's xq, xf) through _qmv_i8."""
         pid_n = tl.program_id(0)
         a = tl.program_id(1)
         o = offs_ptr + tl.load(aexp_ptr + a).to(tl.int64) * 9
@@ -356,30 +379,30 @@ if HAVE_TRITON:
         rmask = rows < n_out
         t = a // K
         xq = xq_ptr + t * (n_in // 4)
-        xf = xf_ptr + t * (2 * (n_in // (32 // BITS)))
+        xf = xf_ptr + t * (2 * (n_in // S))
         if PAIR:
             g, u = _qmv_i8(w_ptr, s_ptr, tl.load(o + 0), tl.load(o + 3), tl.load(o + 4), tl.load(o + 1),
-                           tl.load(o + 5), tl.load(o + 6), rows, rmask, xq, xf, n_in, BN, BK, BITS, G, ALIGN, 1, ASM)
+                           tl.load(o + 5), tl.load(o + 6), rows, rmask, xq, xf, n_in, BN, BK, BITS, G, S, ALIGN, 1, ASM)
         else:
             g, _ = _qmv_i8(w_ptr, s_ptr, tl.load(o + 0), tl.load(o + 3), tl.load(o + 4), 0, 0, 0,
-                           rows, rmask, xq, xf, n_in, BN, BK, BITS, G, ALIGN, 0, ASM)
+                           rows, rmask, xq, xf, n_in, BN, BK, BITS, G, S, ALIGN, 0, ASM)
             u, _ = _qmv_i8(w_ptr, s_ptr, tl.load(o + 1), tl.load(o + 5), tl.load(o + 6), 0, 0, 0,
-                           rows, rmask, xq, xf, n_in, BN, BK, BITS, G, ALIGN, 0, ASM)
+                           rows, rmask, xq, xf, n_in, BN, BK, BITS, G, S, ALIGN, 0, ASM)
         tl.store(h_ptr + a * n_out + rows, g / (1.0 + tl.exp(-g)) * u, mask=rmask)
 
     @triton.jit
     def _decode_down_i8(hq_ptr, hf_ptr, y_ptr, w_ptr, s_ptr, offs_ptr, aexp_ptr, rw_ptr, n_in, n_out,
                         BN: tl.constexpr, BK: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr,
-                        ALIGN: tl.constexpr, ASM: tl.constexpr):
-        """_decode_down_each on h rounded to int8 (_quant_x) through _qmv_i8."""
+                        S: tl.constexpr, ALIGN: tl.constexpr, ASM: tl.constexpr):
+        """_decode_down_each on h rounded to int8 per span of S values (_quant_x) through _qmv_i8."""
         pid_n = tl.program_id(0)
         a = tl.program_id(1)
         rows = pid_n * BN + tl.arange(0, BN)
         rmask = rows < n_out
         o = offs_ptr + tl.load(aexp_ptr + a).to(tl.int64) * 9
         y, _ = _qmv_i8(w_ptr, s_ptr, tl.load(o + 2), tl.load(o + 7), tl.load(o + 8), 0, 0, 0, rows, rmask,
-                       hq_ptr + a * (n_in // 4), hf_ptr + a * (2 * (n_in // (32 // BITS))), n_in,
-                       BN, BK, BITS, G, ALIGN, 0, ASM)
+                       hq_ptr + a * (n_in // 4), hf_ptr + a * (2 * (n_in // S)), n_in,
+                       BN, BK, BITS, G, S, ALIGN, 0, ASM)
         tl.store(y_ptr + a * n_out + rows, tl.load(rw_ptr + a).to(tl.float32) * y, mask=rmask)
 
     @triton.jit
@@ -558,11 +581,11 @@ def _tuned(path: str) -> dict:
         for gpu, table in data.items():
             for key, cfg in table.items():
                 bits, group = (int(v) for v in key.split("/"))
-                if not (isinstance(cfg, list) and 3 <= len(cfg) <= 7 and all(isinstance(v, int) for v in cfg)):
-                    raise ValueError(f"{gpu!r} {key!r}: {cfg!r} is not a list of 3 to 7 ints")
+                if not (isinstance(cfg, list) and 3 <= len(cfg) <= 8 and all(isinstance(v, int) for v in cfg)):
+                    raise ValueError(f"{gpu!r} {key!r}: {cfg!r} is not a list of 3 to 8 ints")
     except (ValueError, AttributeError) as e:
         raise ValueError(f"{path}: not a decode-config file ({{gpu: {{'bits/group': [rows, cols, warps, "
-                         f"split, pair, align, i8]}}}}): {e}") from None
+                         f"split, pair, align, i8, down rows]}}}}): {e}") from None
     return data
 
 
@@ -579,16 +602,17 @@ def decode_cfg(bits: int, group: int, device: torch.device) -> tuple:
         cfg = table.get(f"{bits}/{group}")
         if cfg is not None:
             cfg = _cfg(tuple(cfg))
-            return cfg[:6] + (0,) if os.environ.get("FLASHMOE_DECODE_I8") == "0" else cfg
+            return cfg[:6] + (0,) + cfg[7:] if os.environ.get("FLASHMOE_DECODE_I8") == "0" else cfg
     return DECODE_CFG[bits]
 
 
-def _cfg(cfg: tuple) -> tuple[int, int, int, int, int, int, int]:
-    """(rows per program, columns per step, warps[, split[, pair[, align[, i8]]]]), the flags (default 0) filled
-    in."""
-    if not 3 <= len(cfg) <= 7:
-        raise ValueError(f"decode config {cfg!r}: expected (rows, columns, warps[, split[, pair[, align[, i8]]]])")
-    return tuple(cfg) + (0, 0, 0, 0)[len(cfg) - 3:]
+def _cfg(cfg: tuple) -> tuple[int, int, int, int, int, int, int, int]:
+    """(rows per program, columns per step, warps[, split[, pair[, align[, i8[, down rows]]]]]), the rest (default
+    0) filled in; down rows 0: the down kernel's programs take `rows` rows too."""
+    if not 3 <= len(cfg) <= 8:
+        raise ValueError(f"decode config {cfg!r}: expected (rows, columns, warps[, split[, pair[, align[, i8"
+                         "[, down rows]]]]])")
+    return tuple(cfg) + (0, 0, 0, 0, 0)[len(cfg) - 3:]
 
 
 def moe_decode(x: torch.Tensor, table: ExpertTable, aexp: torch.Tensor, rw: torch.Tensor, k: int,
@@ -598,13 +622,14 @@ def moe_decode(x: torch.Tensor, table: ExpertTable, aexp: torch.Tensor, rw: torc
     _check(x, table)
     t = x.shape[0]
     assert aexp.dtype == torch.int32 and aexp.numel() == t * k and rw.numel() == t * k
-    bn, bk, warps, split, pair, align, i8 = _cfg(cfg or decode_cfg(table.bits, table.group_size, x.device))
+    bn, bk, warps, split, pair, align, i8, bn_dn = _cfg(cfg or decode_cfg(table.bits, table.group_size, x.device))
+    bn_dn = bn_dn or bn
     g = table.group_size
     p = 32 // table.bits  # values per word: 16-byte rows need words per row divisible by 4
     align = int(bool(align) and table.aligned and (table.hidden // p) % 4 == 0 and (table.inter // p) % 4 == 0)
     bk_in, bk_mid = max(bk, g), max(min(bk, triton.next_power_of_2(table.inter)), g)
     if i8:
-        return _moe_decode_i8(x, table, aexp, rw, k, bn, bk_in, bk_mid, warps, pair, align)
+        return _moe_decode_i8(x, table, aexp, rw, k, (bn, bn_dn), bk_in, bk_mid, warps, pair, align, i8)
     h = torch.empty(t * k, table.inter, dtype=torch.float32, device=x.device)
     _decode_gate_up[(triton.cdiv(table.inter, bn), t * k)](
         x, h, table.words, table.scales, table.offs, aexp, table.hidden, table.inter, k,
@@ -612,42 +637,45 @@ def moe_decode(x: torch.Tensor, table: ExpertTable, aexp: torch.Tensor, rw: torc
     out = torch.empty_like(x)
     if split:
         y = torch.empty(t * k, table.hidden, dtype=torch.float32, device=x.device)
-        _decode_down_each[(triton.cdiv(table.hidden, bn), t * k)](
+        _decode_down_each[(triton.cdiv(table.hidden, bn_dn), t * k)](
             h, y, table.words, table.scales, table.offs, aexp, rw.contiguous(), table.inter, table.hidden,
-            BN=bn, BK=bk_mid, BITS=table.bits, G=g, ALIGN=align, num_warps=warps)
+            BN=bn_dn, BK=bk_mid, BITS=table.bits, G=g, ALIGN=align, num_warps=warps)
         return sum_k(y, out, k)
-    _decode_down[(triton.cdiv(table.hidden, bn), t)](
+    _decode_down[(triton.cdiv(table.hidden, bn_dn), t)](
         h, out, table.words, table.scales, table.offs, aexp, rw.contiguous(), table.inter, table.hidden, k,
-        BN=bn, BK=bk_mid, BITS=table.bits, G=g, ALIGN=align, num_warps=warps)
+        BN=bn_dn, BK=bk_mid, BITS=table.bits, G=g, ALIGN=align, num_warps=warps)
     return out
 
 
-def quant_rows_i8(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [R, n] -> (xq, xf) of _quant_x: int8 per span of 32 // bits values, laid out for _qmv_i8."""
+def quant_rows_i8(x: torch.Tensor, bits: int, span: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [R, n] -> (xq, xf) of _quant_x: int8 per span of `span` values (a multiple of 32 // bits dividing n),
+    laid out for _qmv_i8."""
     r, n = x.shape
-    p = 32 // bits
+    assert span % (32 // bits) == 0 and n % span == 0, (n, span, bits)
     xq = torch.empty(r, n // 4, dtype=torch.int32, device=x.device)
-    xf = torch.empty(r, 2 * (n // p), dtype=torch.float32, device=x.device)
-    _quant_x[(triton.cdiv(n // p, QUANT_BW), r)](x, xq, xf, n, BW=QUANT_BW, BITS=bits, num_warps=2)
+    xf = torch.empty(r, 2 * (n // span), dtype=torch.float32, device=x.device)
+    bw = max(1, QUANT_BW * (32 // bits) // span)  # about QUANT_BW word spans per program
+    _quant_x[(triton.cdiv(n // span, bw), r)](x, xq, xf, n, BW=bw, BITS=bits, S=span, num_warps=2)
     return xq, xf
 
 
-def _moe_decode_i8(x, table: ExpertTable, aexp, rw, k: int, bn: int, bk_in: int, bk_mid: int, warps: int,
-                   pair: int, align: int) -> torch.Tensor:
-    """moe_decode with activations rounded to int8 per word span (a config's i8): x, then h, through
+def _moe_decode_i8(x, table: ExpertTable, aexp, rw, k: int, bns: tuple, bk_in: int, bk_mid: int, warps: int,
+                   pair: int, align: int, i8: int) -> torch.Tensor:
+    """moe_decode with activations rounded to int8 per span (a config's i8, i8_span): x, then h, through
     _quant_x; the products in dp4a integer sums (_qmv_i8); the down product a program per assignment."""
     t, bits, g = x.shape[0], table.bits, table.group_size
+    (bn, bn_dn), s = bns, i8_span(i8, bits, g)
     asm = int(os.environ.get("TRITON_INTERPRET") != "1")  # the interpreter runs no inline asm
-    xq, xf = quant_rows_i8(x, bits)
+    xq, xf = quant_rows_i8(x, bits, s)
     h = torch.empty(t * k, table.inter, dtype=torch.float32, device=x.device)
     _decode_gate_up_i8[(triton.cdiv(table.inter, bn), t * k)](
         xq, xf, h, table.words, table.scales, table.offs, aexp, table.hidden, table.inter, k,
-        BN=bn, BK=bk_in, BITS=bits, G=g, PAIR=pair, ALIGN=align, ASM=asm, num_warps=warps)
-    hq, hf = quant_rows_i8(h, bits)
+        BN=bn, BK=bk_in, BITS=bits, G=g, S=s, PAIR=pair, ALIGN=align, ASM=asm, num_warps=warps)
+    hq, hf = quant_rows_i8(h, bits, s)
     y = torch.empty(t * k, table.hidden, dtype=torch.float32, device=x.device)
-    _decode_down_i8[(triton.cdiv(table.hidden, bn), t * k)](
+    _decode_down_i8[(triton.cdiv(table.hidden, bn_dn), t * k)](
         hq, hf, y, table.words, table.scales, table.offs, aexp, rw.contiguous(), table.inter, table.hidden,
-        BN=bn, BK=bk_mid, BITS=bits, G=g, ALIGN=align, ASM=asm, num_warps=warps)
+        BN=bn_dn, BK=bk_mid, BITS=bits, G=g, S=s, ALIGN=align, ASM=asm, num_warps=warps)
     return sum_k(y, torch.empty_like(x), k)
 
 
