@@ -309,3 +309,42 @@ def test_put_inserts_checked_copy_under_budget(small):
     st = ExpertStore(ix, cache_bytes=0, threads=1)
     assert not st.put(0, 0, _raw(ix, 0, 0)) and st.cached_bytes == 0  # no budget: nothing kept
     st.close()
+
+
+class FakePin:
+    """Stands in for the driver's registration (gpu_cache.CudaPin): refuses an address already registered,
+    as cudaHostRegister does, and records what is live."""
+
+    def __init__(self):
+        self.live: set[int] = set()
+
+    def __call__(self, addr: int, nbytes: int) -> bool:
+        if addr in self.live:
+            return False
+        self.live.add(addr)
+        return True
+
+    def unpin(self, addr: int) -> None:
+        self.live.remove(addr)
+
+
+def test_pinned_buffers_are_unregistered_by_close_or_when_the_store_is_dropped(small):
+    """Every registered read buffer is unregistered before it can be unmapped: at close(), and where a store is
+    dropped without close() (a mapping freed while registered makes the driver refuse the next one at that
+    address)."""
+    import gc
+
+    ix = load_index(small)
+    pin = FakePin()
+    st = ExpertStore(ix, cache_bytes=0, threads=2, pin=pin)
+    list(st.stream(0, [1, 2, 3]))
+    assert pin.live and all(st.is_pinned(a) for a in pin.live)
+    st.close()
+    assert not pin.live
+    st = ExpertStore(ix, cache_bytes=0, threads=2, pin=pin)
+    list(st.stream(1, [4, 5]))
+    assert pin.live
+    st._pool.shutdown(wait=True)  # (its threads hold the store; close() would unregister here)
+    del st
+    gc.collect()
+    assert not pin.live

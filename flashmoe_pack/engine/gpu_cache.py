@@ -54,6 +54,8 @@ kernels under TRITON_INTERPRET=1).
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import itertools
 import os
 import random
@@ -292,7 +294,9 @@ def pinned_default() -> bool:
 
 class CudaPin:
     """Registers host buffers with the CUDA driver in place (cudaHostRegister: page-locked), so uploads run
-    from the host tier's own buffers and records moving down from VRAM land in them, with no host copy."""
+    from the host tier's own buffers and records moving down from VRAM land in them, with no host copy.
+    A refused registration (a memory lock limit, say) leaves the buffer pageable, and the runtime's error it
+    leaves behind is cleared: else the next kernel launch of the thread reports it as its own."""
 
     def __init__(self):
         try:
@@ -302,15 +306,38 @@ class CudaPin:
 
     def __call__(self, addr: int, nbytes: int) -> bool:
         try:
-            return self.rt is not None and str(self.rt.cudaHostRegister(addr, nbytes, 0)) in ("0", "cudaError.success")
+            ok = self.rt is not None and str(self.rt.cudaHostRegister(addr, nbytes, 0)) in ("0", "cudaError.success")
         except Exception:  # noqa: BLE001 (no such call in this torch build, or a driver refusal)
-            return False
+            ok = False
+        if not ok and self.rt is not None:
+            clear_cuda_error()
+        return ok
 
     def unpin(self, addr: int) -> None:
         try:
-            self.rt.cudaHostUnregister(addr)
+            if str(self.rt.cudaHostUnregister(addr)) not in ("0", "cudaError.success"):
+                clear_cuda_error()
         except Exception:  # noqa: BLE001
             pass
+
+
+@functools.cache
+def _cudart_lib():
+    """The CUDA runtime library this process has loaded (found in /proc/self/maps), for cudaGetLastError,
+    which torch.cuda.cudart() does not offer; None where there is none to find (a static runtime)."""
+    try:
+        with open("/proc/self/maps") as f:
+            paths = {line.split()[-1] for line in f if "libcudart" in line}
+        return ctypes.CDLL(sorted(paths)[0]) if paths else None
+    except (OSError, IndexError):
+        return None
+
+
+def clear_cuda_error() -> None:
+    """Resets the calling thread's last CUDA runtime error (cudaGetLastError), where the library is found."""
+    lib = _cudart_lib()
+    if lib is not None:
+        lib.cudaGetLastError()
 
 
 def verify_demotions_default() -> bool:

@@ -44,6 +44,7 @@ import queue
 import sys
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -327,6 +328,15 @@ class _Entry:
     pinned: bool = False  # handed out by get(): its buffer is never recycled
 
 
+
+def _unpin_all(pin, pinned: dict) -> None:
+    """Unregisters every buffer in `pinned` (address -> buffer) with the driver, then lets them go."""
+    unpin = getattr(pin, "unpin", None)
+    if unpin is not None:
+        for addr in pinned:
+            unpin(addr)
+    pinned.clear()
+
 class ExpertStore:
     """Reads and caches expert records of one packed model."""
 
@@ -358,6 +368,10 @@ class ExpertStore:
         # what it held instead of replacing everything before reuse (LRU on a cyclic scan hits nothing)
         self.scan_batch = max(16, index.num_experts // 4) if scan_batch is None else int(scan_batch)
         self._pinned: dict[int, mmap.mmap] = {}  # address -> buffer, registered
+        # a store dropped without close() still unregisters its buffers before they are unmapped: a mapping freed
+        # while registered leaves the driver a stale range, and the next buffer mapped over it is refused
+        # ("already mapped", seen on the H200 2026-12-04 in a test that made several models in one process)
+        self._unpin_at_exit = weakref.finalize(self, _unpin_all, pin, self._pinned)
         self._addr: dict[int, int] = {}  # id(buffer) -> address, pinned buffers
         self._busy: dict[int, object] = {}  # address -> event of an asynchronous copy still using the buffer
         self._want: dict[int, list[int] | None] = {}  # layer -> the index's digests as ints (None: unreadable)
@@ -424,13 +438,8 @@ class ExpertStore:
         for ev in self._busy.values():
             ev.synchronize()
         self._busy.clear()
-        if self._pinned:
-            unpin = getattr(self._pin, "unpin", None)
-            for addr in self._pinned:
-                if unpin is not None:
-                    unpin(addr)
-            self._pinned.clear()
-            self._addr.clear()
+        self._unpin_at_exit()  # (once: a finalizer runs at most once)
+        self._addr.clear()
         for fd, _ in self._fds.values():
             os.close(fd)
         self._fds.clear()
