@@ -53,7 +53,8 @@ def section(res: dict, name: str, fn, *args):
     except Exception:  # noqa: BLE001 - record and go on to the next section
         res[name] = {"error": traceback.format_exc()}
         log(f"{name} FAILED\n{res[name]['error']}")
-    log(f"{name}: {time.perf_counter() - t:.1f}s")
+    res.setdefault("section_s", {})[name] = round(time.perf_counter() - t, 1)  # (the JSON is what comes back)
+    log(f"{name}: {res['section_s'][name]}s")
 
 
 # ------------------------------------------------------------------------------------ conformance

@@ -749,7 +749,10 @@ def qmatvec(x: torch.Tensor, qt: QTensor, out_dtype: torch.dtype | None = None,
     assert x.shape[1] == cols and cols % qt.group_size == 0 and qt.weight.is_contiguous()
     assert qt.scales.dtype == qt.biases.dtype and qt.scales.is_contiguous() and qt.biases.is_contiguous()
     base, (s_off, b_off) = _base_offsets([qt.scales, qt.biases])
-    bn, bk, warps, *_ = _cfg(cfg or decode_cfg(qt.bits, qt.group_size, x.device))
+    if cfg is None:  # a tuned config's tiles, where they were tuned for these (float32) kernels
+        cfg = decode_cfg(qt.bits, qt.group_size, x.device)
+        cfg = DECODE_CFG[qt.bits] if _cfg(cfg)[6] else cfg
+    bn, bk, warps, *_ = _cfg(cfg)
     y = torch.empty(x.shape[0], rows, dtype=out_dtype or x.dtype, device=x.device)
     _qmatvec[(triton.cdiv(rows, bn), x.shape[0])](x, y, qt.weight, base, s_off, b_off, cols, rows, BN=bn,
                                                  BK=max(bk, qt.group_size), BITS=qt.bits, G=qt.group_size,
