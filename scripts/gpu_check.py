@@ -334,24 +334,25 @@ def _time_decode(tk, x, table, aexps, rw, k, cfg, nbytes, ref=None) -> dict:
 
 # (rows, columns per step, warps[, split[, pair[, align[, i8[, down rows]]]]]) per bits; the first of each list is
 # the reference that the others' outputs are checked against (DECODE_CFG); split 1 is the down product with a
-# program per assignment; pair 1 (5th): gate and up in one pass over the columns (_qmv_pair), a win in the
-# 2026-12-03 sweep; align 1 (6th): 16-byte word loads where the table allows, a loss there for the float32
-# kernels. i8 (7th): activations rounded to int8 and the products in dp4a integer sums (_qmv_i8): 1, a scale per
-# word span, won at q2 only in that sweep (scripts/results/gpu_check_h200_2026-12-03.json); 2, a scale per weight
-# group, so a group's words sum as integers and fold once (a third of the scale loads and FMAs at q4 g64), with
-# 16-byte loads (align) and whole rows per step: one warp per row or two, and down rows (8th) that give the down
-# kernel's programs (rows of I = 1024 columns) as many bytes as the gate/up ones.
-_Q4 = [(8, 1024, 4), (8, 512, 2, 1, 1), (4, 512, 2, 1, 1, 1, 1), (4, 512, 2, 1, 1, 0, 1),
-       (4, 2048, 2, 1, 1, 1, 2), (4, 2048, 2, 1, 1, 0, 2), (1, 4096, 1, 1, 1, 1, 2, 4), (2, 4096, 2, 1, 1, 1, 2, 8),
-       (4, 4096, 4, 1, 1, 1, 2, 16), (2, 4096, 1, 1, 1, 1, 2, 4), (1, 4096, 1, 1, 1, 1, 2, 8),
-       (4, 4096, 2, 1, 1, 1, 2, 8), (4, 1024, 2, 1, 1, 1, 2), (8, 1024, 4, 1, 1, 1, 2, 16)]
+# program per assignment; pair 1 (5th): gate and up in one pass over the columns (_qmv_pair); align 1 (6th):
+# 16-byte word loads where the table allows; i8 (7th): activations rounded to int8 and the products in dp4a
+# integer sums (_qmv_i8), 1 with a scale per word span, 2 with one per weight group, so a group's words sum as
+# integers and fold once; down rows (8th): rows per program of the down kernel (its rows are I = 1024 columns).
+# Each list: the reference, the best float32 and the best i8 1 config of the 2026-12-04 sweep, then the i8 2
+# ones within ~3% of that sweep's best (scripts/results/gpu_check_h200_2026-12-04.json: q4 g64 33.5 us against
+# 55.5 float32; whole rows per step, one warp per row, won), and a few untried neighbours (two column steps
+# per row: fewer registers per thread; down rows 16).
+_Q4 = [(8, 1024, 4), (8, 512, 2, 1, 1), (4, 512, 2, 1, 1, 0, 1),
+       (1, 4096, 1, 1, 1, 1, 2, 8), (1, 4096, 1, 1, 1, 1, 2, 4), (4, 1024, 2, 1, 1, 1, 2), (8, 1024, 4, 1, 1, 1, 2, 16),
+       (4, 2048, 2, 1, 1, 1, 2), (2, 4096, 1, 1, 1, 1, 2, 4),
+       (1, 2048, 1, 1, 1, 1, 2, 8), (1, 4096, 1, 1, 1, 1, 2, 16), (2, 2048, 1, 1, 1, 1, 2, 8)]
 DECODE_SWEEP = {4: _Q4,
-                2: [(8, 2048, 4), (4, 2048, 2, 1, 1), (4, 2048, 2, 1, 1, 1, 1), (4, 2048, 2, 1, 1, 1, 2),
-                    (1, 4096, 1, 1, 1, 1, 2, 4), (2, 4096, 2, 1, 1, 1, 2, 8), (4, 4096, 4, 1, 1, 1, 2, 16),
-                    (2, 4096, 1, 1, 1, 1, 2, 8)],
-                8: [(8, 512, 4), (4, 512, 2, 1, 1), (4, 512, 2, 1, 1, 1, 1), (4, 512, 2, 1, 1, 1, 2),
-                    (1, 4096, 1, 1, 1, 1, 2, 4), (2, 4096, 2, 1, 1, 1, 2, 8), (1, 2048, 1, 1, 1, 1, 2, 4),
-                    (4, 1024, 4, 1, 1, 1, 2, 8)]}
+                2: [(8, 2048, 4), (4, 2048, 2, 1, 1), (4, 2048, 2, 1, 1, 1, 1),
+                    (1, 4096, 1, 1, 1, 1, 2, 4), (2, 4096, 1, 1, 1, 1, 2, 8), (2, 4096, 2, 1, 1, 1, 2, 8),
+                    (1, 4096, 1, 1, 1, 1, 2, 8), (1, 2048, 1, 1, 1, 1, 2, 4)],
+                8: [(8, 512, 4), (4, 512, 2, 1, 1), (4, 512, 2, 1, 1, 1, 1),
+                    (4, 512, 2, 1, 1, 1, 2), (1, 2048, 1, 1, 1, 1, 2, 4), (4, 1024, 4, 1, 1, 1, 2, 8),
+                    (4, 512, 2, 1, 1, 1, 2, 8), (2, 1024, 2, 1, 1, 1, 2, 8), (8, 512, 4, 1, 1, 1, 2)]}
 
 
 # prefill GEMM tiles; magic 1: weights dequantized through the bit trick (_dequant_tile's MAGIC): no gain on

@@ -30,7 +30,8 @@ STAGE=${1:?prep|start|wait|pipeline}
 OUT=${OUT:-$PWD/out}
 D=${D:-/data}
 DRY=${DRY:-0}  # DRY=1: the whole pipeline on this machine's CPU with tiny models (no GPU, no llama.cpp)
-SKIP=${SKIP:-}  # steps to leave out, for a short device budget: any of gpu_check q35 two hf (e.g. SKIP="two hf")
+SKIP=${SKIP:-}  # steps to leave out, for a short device budget: any of gpu_check stream q35 two hf (e.g. SKIP="two hf";
+                # stream: the 12-layer runs, both engines, streaming and resident)
 skip() { [[ " $SKIP " == *" $1 "* ]]; }
 if [ "$DRY" = 1 ]; then
     GEO=tiny GEO35=tiny STREAM_LAYERS=3 KS="2 1" K35=2 DEV=cpu SMALL="--tokens 4 --resident-tokens 4 --prompt 16"
@@ -79,8 +80,10 @@ pipeline() {
         echo $? >/tmp/ll/done) &
     python3 setup.py build_ext --inplace -q >/tmp/ext.log 2>&1 || step "C extension failed: $(tail -3 /tmp/ext.log)"
     local G=$D/m$STREAM_LAYERS
-    (nice -n 5 python3 scripts/make_synthetic.py --gguf "$G.gguf" --geometry $GEO --layers "$STREAM_LAYERS" --jobs 6 \
-        >"$D/results/gen1.log" 2>&1; echo $? >/tmp/gen1.done) &
+    if skip stream; then echo skipped >/tmp/gen1.done; else
+        (nice -n 5 python3 scripts/make_synthetic.py --gguf "$G.gguf" --geometry $GEO --layers "$STREAM_LAYERS" \
+            --jobs 6 >"$D/results/gen1.log" 2>&1; echo $? >/tmp/gen1.done) &
+    fi
     step "gpu_check"
     [ "$DRY" = 1 ] || skip gpu_check || python3 scripts/gpu_check.py --out "$D/results" --skip-ncu --budget-s "${GPU_CHECK_S:-560}" \
         >"$D/results/gpu_check.log" 2>&1
@@ -101,6 +104,7 @@ sys.exit(any('error' in str(r.get(k, {}))[:20] or not r.get(k) for k in ('confor
     local LB=/tmp/ll/llama.cpp/build/bin/llama-bench
     [ -x "$LB" ] || step "no llama-bench: $(tail -n 5 /tmp/ll/build.log /tmp/ll/cmake.log 2>&1)"
     # the same 12 layers fully resident too (48 GB of experts fit the H200's VRAM): no third generation
+    if ! skip stream; then
     local B=(python3 scripts/bench_cuda.py "$G" "$G.gguf" --llama-bench "$LB" --out "$D/results/stream" --merge
              --device $DEV --k $KS $SMALL)
     "${B[@]}" >"$D/results/stream.log" 2>&1; step "llama.cpp streaming + resident rc $?"
@@ -110,6 +114,7 @@ sys.exit(any('error' in str(r.get(k, {}))[:20] or not r.get(k) for k in ('confor
     step "pack written: rc $?"
     "${B[@]}" >>"$D/results/stream.log" 2>&1; step "flashmoe streaming + resident rc $?"
     rm -rf "$G"
+    fi
     if ! skip q35; then
     local Q=$D/q35
     nice -n 5 python3 scripts/make_synthetic.py "$Q" --geometry $GEO35 --gguf "$Q.gguf" --jobs 8 >"$D/results/gen35.log" 2>&1

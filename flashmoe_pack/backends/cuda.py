@@ -87,7 +87,8 @@ class CudaExperts:
                 with self._section("expert_compute", layer):
                     aexp = smap[self.cache.row(layer)][ids.reshape(-1)]
                     self.cache.vram.hits += ids.numel()  # counted per assignment on this path
-                    return tk.moe_decode(x.contiguous(), table, aexp, weights.float().reshape(-1), ids.shape[1])
+                    # router weights in their dtype: the kernels read them as float32 (no cast launch)
+                    return tk.moe_decode(x.contiguous(), table, aexp, weights.reshape(-1), ids.shape[1])
         rows = ids.tolist()  # the one host sync per layer  [T][K]
         uniq = sorted({e for r in rows for e in r})
         cap = self.cache.capacity

@@ -627,7 +627,9 @@ def moe_decode(x: torch.Tensor, table: ExpertTable, aexp: torch.Tensor, rw: torc
     g = table.group_size
     p = 32 // table.bits  # values per word: 16-byte rows need words per row divisible by 4
     align = int(bool(align) and table.aligned and (table.hidden // p) % 4 == 0 and (table.inter // p) % 4 == 0)
-    bk_in, bk_mid = max(bk, g), max(min(bk, triton.next_power_of_2(table.inter)), g)
+    # a step no wider than the row (35B geometry: H = 2048 under a 4096-column tuned step), nor than a group
+    bk_in = max(min(bk, triton.next_power_of_2(table.hidden)), g)
+    bk_mid = max(min(bk, triton.next_power_of_2(table.inter)), g)
     if i8:
         return _moe_decode_i8(x, table, aexp, rw, k, (bn, bn_dn), bk_in, bk_mid, warps, pair, align, i8)
     h = torch.empty(t * k, table.inter, dtype=torch.float32, device=x.device)

@@ -142,11 +142,13 @@ def add_rms_norm(x: Tensor, h: Tensor, weight: Tensor, eps: float) -> tuple[Tens
     return x, rms_norm(x, weight, eps)
 
 
-def gated_rms_norm(x: Tensor, gate: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """RMSNorm(x) * weight * silu(gate) over the last dim; the plain weight here is not zero-centred."""
+def gated_rms_norm(x: Tensor, gate: Tensor, weight: Tensor, eps: float, dtype: torch.dtype | None = None) -> Tensor:
+    """RMSNorm(x) * weight * silu(gate) over the last dim; the plain weight here is not zero-centred.
+    dtype: that of x.to(dtype) first (default x's), which the fused kernel does as it loads x (no cast launch)."""
     fused = _fused(x)
     if fused is not None and x.is_contiguous() and gate.is_contiguous() and x.shape[-1] <= fused.MAX_ROW:
-        return fused.gated_rms_norm(x, gate, weight, eps, x.dtype)
+        return fused.gated_rms_norm(x, gate, weight, eps, dtype or x.dtype)
+    x = x.to(dtype or x.dtype)
     xf = x.float()
     normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
     return ((weight * normed) * F.silu(gate.float())).to(x.dtype)

@@ -405,7 +405,7 @@ class Qwen35MoeModel:
         q, k, v = qkv.split([hk * dk, hk * dk, hv * dv], dim=-1)
         core = gated_delta_step_(q.view(t, hk, dk), k.view(t, hk, dk), v.view(t, hv, dv), a, b,
                                  w["linear_attn.A_log"], w["linear_attn.dt_bias"], state.recurrent[i])  # fp32
-        core = gated_rms_norm(core.to(x.dtype), z, w["linear_attn.norm.weight"], c.rms_norm_eps)
+        core = gated_rms_norm(core, z, w["linear_attn.norm.weight"], c.rms_norm_eps, x.dtype)
         return linear(core.reshape(t, hv * dv), w["linear_attn.out_proj.weight"])  # [T, H]
 
     def _full_attn(self, i: int, w: dict[str, Tensor], x: Tensor, cos: Tensor, sin: Tensor,
