@@ -547,7 +547,11 @@ def main():
             cfg_file.write_text(json.dumps({res["env"]["gpu"]: best}, indent=1) + "\n")
             os.environ["FLASHMOE_DECODE_CONFIGS"] = str(cfg_file)
     if not a.skip_conformance:
-        i8 = any(len(c) >= 7 and c[6] for c in res.get("picked_decode_cfg", {}).values())
+        from flashmoe_pack.backends import triton_kernels as tk
+
+        # the sweep's picks, or without a sweep (--skip-kernels) the shipped configs for this GPU
+        picked = res.get("picked_decode_cfg") or tk._tuned(str(tk.TUNED_FILE)).get(res["env"]["gpu"], {})
+        i8 = any(len(c) >= 7 and c[6] for c in picked.values())
         section(res, "conformance", conformance, tmp, i8)
         save()
     section(res, "graph", graph_check, tmp)

@@ -85,8 +85,9 @@ pipeline() {
             --jobs 6 >"$D/results/gen1.log" 2>&1; echo $? >/tmp/gen1.done) &
     fi
     step "gpu_check"
+    # GPU_CHECK_ARGS: more options, e.g. --skip-kernels (no sweep: the shipped configs, and the tests get its time)
     [ "$DRY" = 1 ] || skip gpu_check || python3 scripts/gpu_check.py --out "$D/results" --skip-ncu --budget-s "${GPU_CHECK_S:-560}" \
-        >"$D/results/gpu_check.log" 2>&1
+        ${GPU_CHECK_ARGS:-} >"$D/results/gpu_check.log" 2>&1
     step "gpu_check rc $? ($(grep -o "pytest [a-z]* rc [^ ]*" "$D/results/gpu_check.log" 2>/dev/null | tr '\n' ' '))"
     # the decode launch configs the sweep picked for this GPU, for every run below (gpu_check.json keeps them)
     if [ -s "$D/results/decode_configs.json" ]; then
