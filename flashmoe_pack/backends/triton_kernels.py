@@ -55,10 +55,11 @@ DECODE_MAX_T = 4  # up to this many tokens per layer use the GEMV kernels
 # the same with one activation scale per weight group, so a group's words sum as integers and fold once.
 # Tuned ones are data, keyed by GPU name and "bits/group" (decode_configs.json beside this file, or the file
 # FLASHMOE_DECODE_CONFIGS names), written by scripts/gpu_check.py's sweep on that GPU; DECODE_CFG (by bits)
-# serves the rest. H200, graph replay, 397B geometry, K=10 (scripts/results/gpu_check_h200_2026-12-03.json):
-# pair wins (q4 g64 55.7 against 58.4 us), align loses (71.3), i8 wins at q2 only (38.8 against 62.5; q4 54.3
-# against 55.7, q8 80.1 against 74.1), ~1.3-1.8 TB/s, a fraction of HBM's 4.8. Before: _qmv's bit-trick
-# unpacking beat converting each value int -> float on the same tiles (q4 g64 63 against 74 us).
+# serves the rest. H200, graph replay, 397B geometry, K=10 (scripts/results/gpu_check_h200_2026-12-04.json):
+# i8 2 with whole rows per step and one warp per row wins at every width (q4 g64 33.5 us, ~2.1 TB/s, against
+# 55.5 for the best float32 config and 51.0 for i8 1; q2 27.7 against 39.8 (i8 1); q8 45.9 against 74.2). In
+# the float32 kernels pair won and align lost (2026-12-03: q4 g64 55.7 against 58.4, align 71.3), and _qmv's
+# bit-trick unpacking beat converting each value int -> float on the same tiles (q4 g64 63 against 74 us).
 # GEMM: BM assignments x BN rows tiles.
 DECODE_CFG = {2: (8, 2048, 4), 4: (8, 1024, 4), 8: (8, 512, 4)}
 TUNED_FILE = Path(__file__).with_name("decode_configs.json")
