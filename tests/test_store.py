@@ -348,3 +348,32 @@ def test_pinned_buffers_are_unregistered_by_close_or_when_the_store_is_dropped(s
     del st
     gc.collect()
     assert not pin.live
+
+
+def test_refused_registration_clears_the_runtime_error(monkeypatch):
+    """CudaPin: a buffer the driver refuses stays pageable (False), and the runtime's last error that the refusal
+    leaves is cleared (else the thread's next kernel launch reports it as its own); a registration that succeeds
+    clears nothing."""
+    from flashmoe_pack.engine import gpu_cache
+
+    class Rt:
+        def __init__(self, answer):
+            self.answer = answer
+
+        def cudaHostRegister(self, addr, nbytes, flags):
+            return self.answer
+
+        def cudaHostUnregister(self, addr):
+            return self.answer
+
+    cleared = []
+    monkeypatch.setattr(gpu_cache, "clear_cuda_error", lambda: cleared.append(1))
+    pin = gpu_cache.CudaPin()
+    pin.rt = Rt("cudaError.cudaErrorHostMemoryAlreadyRegistered")
+    assert pin(4096, 4096) is False and len(cleared) == 1
+    pin.unpin(4096)
+    assert len(cleared) == 2
+    pin.rt = Rt("cudaError.success")
+    assert pin(4096, 4096) is True and len(cleared) == 2
+    pin.unpin(4096)
+    assert len(cleared) == 2
