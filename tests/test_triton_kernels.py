@@ -206,7 +206,8 @@ def test_linear_on_cuda_takes_the_kernel_for_decode_and_row_chunks_for_prefill(m
 
 
 def test_decode_cfg_reads_tuned_configs_by_gpu_and_group(tmp_path, monkeypatch):
-    """Tuned launch configs are data keyed by GPU name and bits/group; anything not listed takes DECODE_CFG,
+    """Tuned launch configs are data keyed by GPU name and bits/group; anything not listed takes GENERIC_CFG on
+    CUDA (DECODE_CFG with FLASHMOE_DECODE_I8=0) and DECODE_CFG elsewhere,
     and a malformed file is refused with its path."""
     monkeypatch.setattr(tk, "_gpu_name", lambda device: "Fake GPU")
     monkeypatch.delenv("FLASHMOE_DECODE_I8", raising=False)  # (gpu_check runs the tests with it set to 0)
@@ -216,11 +217,12 @@ def test_decode_cfg_reads_tuned_configs_by_gpu_and_group(tmp_path, monkeypatch):
     monkeypatch.setenv("FLASHMOE_DECODE_CONFIGS", str(f))
     cuda = torch.device("cuda")
     assert tk.decode_cfg(4, 32, cuda) == (16, 512, 4, 1, 0, 0, 0, 0)
-    assert tk.decode_cfg(4, 64, cuda) == tk.DECODE_CFG[4]  # listed for another GPU only
+    assert tk.decode_cfg(4, 64, cuda) == tk.GENERIC_CFG[4]  # listed for another GPU only
     assert tk.decode_cfg(4, 32, torch.device("cpu")) == tk.DECODE_CFG[4]
     assert tk.decode_cfg(8, 64, cuda) == (4, 512, 2, 1, 1, 1, 2, 8)
     monkeypatch.setenv("FLASHMOE_DECODE_I8", "0")  # the float32 kernels asked for: the tuned tiles, no int8
     assert tk.decode_cfg(8, 64, cuda) == (4, 512, 2, 1, 1, 1, 0, 8)
+    assert tk.decode_cfg(4, 64, cuda) == tk.DECODE_CFG[4]
     bad = tmp_path / "bad.json"
     bad.write_text('{"Fake GPU": {"4/32": [16, "x"]}}')
     monkeypatch.setenv("FLASHMOE_DECODE_CONFIGS", str(bad))
@@ -229,7 +231,8 @@ def test_decode_cfg_reads_tuned_configs_by_gpu_and_group(tmp_path, monkeypatch):
 
 
 def test_shipped_tuned_configs_are_valid_launch_configs():
-    """decode_configs.json (the H200 sweep's picks) parses, and each entry runs here against the twin."""
+    """decode_configs.json (the H200 sweep's picks) parses, and each entry, and each of GENERIC_CFG, runs here
+    against the twin."""
     tuned = tk._tuned(str(tk.TUNED_FILE))
     assert tuned, f"{tk.TUNED_FILE} lists no GPU"
     exps = make_experts(3, 64, 64, 4, 32, torch.bfloat16, seed=3)
@@ -244,6 +247,7 @@ def test_shipped_tuned_configs_are_valid_launch_configs():
             bn, bk, warps, split, pair, align, i8, bn_dn = tk._cfg(tuple(cfg))
             assert {split, pair, align} <= {0, 1} and i8 in (0, 1, 2), (gpu, key)
             assert bn & (bn - 1) == 0 and bk & (bk - 1) == 0 and bn_dn & (bn_dn - 1) == 0, (gpu, key)
+    for gpu, configs in list(tuned.items()) + [("generic", {f"{b}/64": c for b, c in tk.GENERIC_CFG.items()})]:
         for cfg in {tuple(c) for c in configs.values()}:  # any listed config computes the twin's function
             got = tk.moe_decode(x, table, ids.reshape(-1).to(torch.int32).to(DEV), w.reshape(-1).to(DEV), 2, cfg)
             want = ref if not tk._cfg(cfg)[6] else tk.decode_twin(x, exps, ids.to(DEV), w.to(DEV), tk._cfg(cfg)[6])

@@ -62,6 +62,12 @@ DECODE_MAX_T = 4  # up to this many tokens per layer use the GEMV kernels
 # bit-trick unpacking beat converting each value int -> float on the same tiles (q4 g64 63 against 74 us).
 # GEMM: BM assignments x BN rows tiles.
 DECODE_CFG = {2: (8, 2048, 4), 4: (8, 1024, 4), 8: (8, 512, 4)}
+# A CUDA GPU with no tuned configs: the H200 winners' design (int8 per group, whole rows per step, a warp per row)
+# in 4-warp programs, within 3-6% of the H200's best in that sweep (q4 g64 35.6 against 33.5 us, q2 29.5 against
+# 27.7, q8 47.3 against 45.9), so that a consumer GPU's cap on resident blocks per multiprocessor (16 on sm_86,
+# 24 on sm_89) does not hold its resident warps (48 there) to 16 or 24 as one-warp programs would; not measured
+# on any GPU but the H200. FLASHMOE_DECODE_I8=0: DECODE_CFG.
+GENERIC_CFG = {2: (4, 4096, 4, 1, 1, 1, 2, 16), 4: (4, 4096, 4, 1, 1, 1, 2, 16), 8: (4, 1024, 4, 1, 1, 1, 2, 8)}
 TUNED_FILE = Path(__file__).with_name("decode_configs.json")
 QUANT_BW = 64  # word spans per program of _quant_x
 GEMM_CFG = {"BM": 64, "BN": 64, "BK": 64, "warps": 4, "stages": 3, "magic": 0}  # magic: _dequant_tile's MAGIC
@@ -596,14 +602,17 @@ def _gpu_name(device: torch.device) -> str:
 
 
 def decode_cfg(bits: int, group: int, device: torch.device) -> tuple:
-    """The decode launch config for `bits`/`group` on `device`: tuned for its GPU where listed, else DECODE_CFG.
-    FLASHMOE_DECODE_I8=0 takes a tuned config's i8 away (the float32 kernels, activations not rounded)."""
+    """The decode launch config for `bits`/`group` on `device`: tuned for its GPU where listed, else on CUDA
+    GENERIC_CFG, else (the CPU interpreter) DECODE_CFG. FLASHMOE_DECODE_I8=0 takes a tuned config's i8 away
+    and gives DECODE_CFG for the rest (the float32 kernels, activations not rounded)."""
     if device.type == "cuda":
+        exact = os.environ.get("FLASHMOE_DECODE_I8") == "0"
         table = _tuned(os.environ.get("FLASHMOE_DECODE_CONFIGS", str(TUNED_FILE))).get(_gpu_name(device), {})
         cfg = table.get(f"{bits}/{group}")
         if cfg is not None:
             cfg = _cfg(tuple(cfg))
-            return cfg[:6] + (0,) + cfg[7:] if os.environ.get("FLASHMOE_DECODE_I8") == "0" else cfg
+            return cfg[:6] + (0,) + cfg[7:] if exact else cfg
+        return DECODE_CFG[bits] if exact else GENERIC_CFG[bits]
     return DECODE_CFG[bits]
 
 
