@@ -328,7 +328,6 @@ class _Entry:
     pinned: bool = False  # handed out by get(): its buffer is never recycled
 
 
-
 def _unpin_all(pin, pinned: dict) -> None:
     """Unregisters every buffer in `pinned` (address -> buffer) with the driver, then lets them go."""
     unpin = getattr(pin, "unpin", None)
@@ -336,6 +335,7 @@ def _unpin_all(pin, pinned: dict) -> None:
         for addr in pinned:
             unpin(addr)
     pinned.clear()
+
 
 class ExpertStore:
     """Reads and caches expert records of one packed model."""
@@ -372,6 +372,7 @@ class ExpertStore:
         # while registered leaves the driver a stale range, and the next buffer mapped over it is refused
         # ("already mapped", seen on the H200 2026-12-04 in a test that made several models in one process)
         self._unpin_at_exit = weakref.finalize(self, _unpin_all, pin, self._pinned)
+        self._unpin_at_exit.atexit = False  # (at interpreter exit the process's mappings and CUDA go together)
         self._addr: dict[int, int] = {}  # id(buffer) -> address, pinned buffers
         self._busy: dict[int, object] = {}  # address -> event of an asynchronous copy still using the buffer
         self._want: dict[int, list[int] | None] = {}  # layer -> the index's digests as ints (None: unreadable)
