@@ -641,7 +641,7 @@ def moe_decode(x: torch.Tensor, table: ExpertTable, aexp: torch.Tensor, rw: torc
     bk_in = max(min(bk, triton.next_power_of_2(table.hidden)), g)
     bk_mid = max(min(bk, triton.next_power_of_2(table.inter)), g)
     if i8:
-        return _moe_decode_i8(x, table, aexp, rw, k, (bn, bn_dn), bk_in, bk_mid, warps, pair, align, i8)
+        return _moe_decode_i8(x, table, aexp, rw, k, bn, bn_dn, bk_in, bk_mid, warps, pair, align, i8)
     h = torch.empty(t * k, table.inter, dtype=torch.float32, device=x.device)
     _decode_gate_up[(triton.cdiv(table.inter, bn), t * k)](
         x, h, table.words, table.scales, table.offs, aexp, table.hidden, table.inter, k,
@@ -671,12 +671,12 @@ def quant_rows_i8(x: torch.Tensor, bits: int, span: int) -> tuple[torch.Tensor, 
     return xq, xf
 
 
-def _moe_decode_i8(x, table: ExpertTable, aexp, rw, k: int, bns: tuple, bk_in: int, bk_mid: int, warps: int,
-                   pair: int, align: int, i8: int) -> torch.Tensor:
+def _moe_decode_i8(x, table: ExpertTable, aexp, rw, k: int, bn: int, bn_dn: int, bk_in: int, bk_mid: int,
+                   warps: int, pair: int, align: int, i8: int) -> torch.Tensor:
     """moe_decode with activations rounded to int8 per span (a config's i8, i8_span): x, then h, through
     _quant_x; the products in dp4a integer sums (_qmv_i8); the down product a program per assignment."""
     t, bits, g = x.shape[0], table.bits, table.group_size
-    (bn, bn_dn), s = bns, i8_span(i8, bits, g)
+    s = i8_span(i8, bits, g)
     asm = int(os.environ.get("TRITON_INTERPRET") != "1")  # the interpreter runs no inline asm
     xq, xf = quant_rows_i8(x, bits, s)
     h = torch.empty(t * k, table.inter, dtype=torch.float32, device=x.device)
