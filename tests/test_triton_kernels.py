@@ -136,6 +136,13 @@ def test_decode_kernels_match_twin(bits, sdt, hidden, inter, group, xdt):
         got = tk.moe_decode(x, table, aexp, rw, k, cfg)
         assert got.dtype == xdt and got.shape == (t, hidden)
         assert rel(got, ref) < TOL[xdt], (t, k)
+        if xdt == torch.float32 and (cfg is None or len(cfg) == 8):
+            # router ids through a slot map (the resident path): ids e of 9 experts, smap[e] their slots
+            smap = torch.full((9,), -1, dtype=torch.int32)
+            rids = torch.randperm(9, generator=torch.Generator().manual_seed(t))[:6]
+            smap[rids] = torch.arange(6, dtype=torch.int32)
+            mapped = tk.moe_decode(x, table, rids[ids.reshape(-1)].to(DEV), rw, k, cfg, smap=smap.to(DEV))
+            assert torch.equal(mapped, got), (t, k)
 
 
 GEMM_XDT = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])  # see module docstring

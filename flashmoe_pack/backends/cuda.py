@@ -85,10 +85,11 @@ class CudaExperts:
             if res is not None:  # every expert in VRAM: router ids -> slots on the device, no host sync
                 smap, table = res
                 with self._section("expert_compute", layer):
-                    aexp = smap[self.cache.row(layer)][ids.reshape(-1)]
                     self.cache.vram.hits += ids.numel()  # counted per assignment on this path
-                    # router weights in their dtype: the kernels read them as float32 (no cast launch)
-                    return tk.moe_decode(x.contiguous(), table, aexp, weights.reshape(-1), ids.shape[1])
+                    # the kernels map ids to slots through the layer's row of the slot map, and read the
+                    # router weights in their dtype as float32 (no lookup or cast launch)
+                    return tk.moe_decode(x.contiguous(), table, ids.reshape(-1), weights.reshape(-1), ids.shape[1],
+                                         smap=smap[self.cache.row(layer)])
         rows = ids.tolist()  # the one host sync per layer  [T][K]
         uniq = sorted({e for r in rows for e in r})
         cap = self.cache.capacity

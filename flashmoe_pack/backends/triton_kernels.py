@@ -375,13 +375,24 @@ if HAVE_TRITON:
             return a_x, a_x
 
     @triton.jit
-    def _decode_gate_up_i8(xq_ptr, xf_ptr, h_ptr, w_ptr, s_ptr, offs_ptr, aexp_ptr, n_in, n_out, K,
+    def _offs(offs_ptr, aexp_ptr, smap_ptr, a, MAP: tl.constexpr):
+        """The offsets row of assignment a: aexp[a] is its slot, or with MAP the router's expert id, mapped to its
+        slot through smap (the slot map's row of the layer: no separate lookup launch)."""
+        if MAP:
+            slot = tl.load(smap_ptr + tl.load(aexp_ptr + a))
+        else:
+            slot = tl.load(aexp_ptr + a)
+        return offs_ptr + slot.to(tl.int64) * 9
+
+    @triton.jit
+    def _decode_gate_up_i8(xq_ptr, xf_ptr, h_ptr, w_ptr, s_ptr, offs_ptr, aexp_ptr, smap_ptr, n_in, n_out, K,
                            BN: tl.constexpr, BK: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr,
-                           S: tl.constexpr, PAIR: tl.constexpr, ALIGN: tl.constexpr, ASM: tl.constexpr):
+                           S: tl.constexpr, PAIR: tl.constexpr, ALIGN: tl.constexpr, ASM: tl.constexpr,
+                           MAP: tl.constexpr):
         """_decode_gate_up on x rounded to int8 per span of S values (_quant_x's xq, xf) through _qmv_i8."""
         pid_n = tl.program_id(0)
         a = tl.program_id(1)
-        o = offs_ptr + tl.load(aexp_ptr + a).to(tl.int64) * 9
+        o = _offs(offs_ptr, aexp_ptr, smap_ptr, a, MAP)
         rows = pid_n * BN + tl.arange(0, BN)
         rmask = rows < n_out
         t = a // K
@@ -398,29 +409,29 @@ if HAVE_TRITON:
         tl.store(h_ptr + a * n_out + rows, g / (1.0 + tl.exp(-g)) * u, mask=rmask)
 
     @triton.jit
-    def _decode_down_i8(hq_ptr, hf_ptr, y_ptr, w_ptr, s_ptr, offs_ptr, aexp_ptr, rw_ptr, n_in, n_out,
+    def _decode_down_i8(hq_ptr, hf_ptr, y_ptr, w_ptr, s_ptr, offs_ptr, aexp_ptr, smap_ptr, rw_ptr, n_in, n_out,
                         BN: tl.constexpr, BK: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr,
-                        S: tl.constexpr, ALIGN: tl.constexpr, ASM: tl.constexpr):
+                        S: tl.constexpr, ALIGN: tl.constexpr, ASM: tl.constexpr, MAP: tl.constexpr):
         """_decode_down_each on h rounded to int8 per span of S values (_quant_x) through _qmv_i8."""
         pid_n = tl.program_id(0)
         a = tl.program_id(1)
         rows = pid_n * BN + tl.arange(0, BN)
         rmask = rows < n_out
-        o = offs_ptr + tl.load(aexp_ptr + a).to(tl.int64) * 9
+        o = _offs(offs_ptr, aexp_ptr, smap_ptr, a, MAP)
         y, _ = _qmv_i8(w_ptr, s_ptr, tl.load(o + 2), tl.load(o + 7), tl.load(o + 8), 0, 0, 0, rows, rmask,
                        hq_ptr + a * (n_in // 4), hf_ptr + a * (2 * (n_in // S)), n_in,
                        BN, BK, BITS, G, S, ALIGN, 0, ASM)
         tl.store(y_ptr + a * n_out + rows, tl.load(rw_ptr + a).to(tl.float32) * y, mask=rmask)
 
     @triton.jit
-    def _decode_gate_up(x_ptr, h_ptr, w_ptr, s_ptr, offs_ptr, aexp_ptr, n_in, n_out, K,
+    def _decode_gate_up(x_ptr, h_ptr, w_ptr, s_ptr, offs_ptr, aexp_ptr, smap_ptr, n_in, n_out, K,
                         BN: tl.constexpr, BK: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr,
-                        PAIR: tl.constexpr, ALIGN: tl.constexpr):
+                        PAIR: tl.constexpr, ALIGN: tl.constexpr, MAP: tl.constexpr):
         """h[a] = silu(G_e x_t) * (U_e x_t) for assignment a = t*K + k of expert e, float32; PAIR: both
         products in one pass (_qmv_pair), else one after the other."""
         pid_n = tl.program_id(0)
         a = tl.program_id(1)
-        o = offs_ptr + tl.load(aexp_ptr + a).to(tl.int64) * 9
+        o = _offs(offs_ptr, aexp_ptr, smap_ptr, a, MAP)
         rows = pid_n * BN + tl.arange(0, BN)
         rmask = rows < n_out
         xrow = x_ptr + (a // K) * n_in
@@ -435,8 +446,9 @@ if HAVE_TRITON:
         tl.store(h_ptr + a * n_out + rows, g / (1.0 + tl.exp(-g)) * u, mask=rmask)
 
     @triton.jit
-    def _decode_down(h_ptr, out_ptr, w_ptr, s_ptr, offs_ptr, aexp_ptr, rw_ptr, n_in, n_out, K,
-                     BN: tl.constexpr, BK: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, ALIGN: tl.constexpr):
+    def _decode_down(h_ptr, out_ptr, w_ptr, s_ptr, offs_ptr, aexp_ptr, smap_ptr, rw_ptr, n_in, n_out, K,
+                     BN: tl.constexpr, BK: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, ALIGN: tl.constexpr,
+                     MAP: tl.constexpr):
         """out[t] = sum_k rw[t*K+k] * D_e h[t*K+k], summed in float32, stored in out's dtype."""
         pid_n = tl.program_id(0)
         t = tl.program_id(1)
@@ -445,23 +457,23 @@ if HAVE_TRITON:
         total = tl.zeros([BN], dtype=tl.float32)
         for k in range(0, K):
             a = t * K + k
-            o = offs_ptr + tl.load(aexp_ptr + a).to(tl.int64) * 9
+            o = _offs(offs_ptr, aexp_ptr, smap_ptr, a, MAP)
             y = _qmv(w_ptr, s_ptr, tl.load(o + 2), tl.load(o + 7), tl.load(o + 8), rows, rmask,
                      h_ptr + a * n_in, n_in, BN, BK, BITS, G, ALIGN)
             total += tl.load(rw_ptr + a).to(tl.float32) * y
         tl.store(out_ptr + t * n_out + rows, total.to(out_ptr.dtype.element_ty), mask=rmask)
 
     @triton.jit
-    def _decode_down_each(h_ptr, y_ptr, w_ptr, s_ptr, offs_ptr, aexp_ptr, rw_ptr, n_in, n_out,
+    def _decode_down_each(h_ptr, y_ptr, w_ptr, s_ptr, offs_ptr, aexp_ptr, smap_ptr, rw_ptr, n_in, n_out,
                           BN: tl.constexpr, BK: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr,
-                          ALIGN: tl.constexpr):
+                          ALIGN: tl.constexpr, MAP: tl.constexpr):
         """y[a] = rw[a] * D_e h[a], float32, one program per (row block, assignment): the K experts of a
         token are read in parallel rather than one after another (_sum_k adds them up)."""
         pid_n = tl.program_id(0)
         a = tl.program_id(1)
         rows = pid_n * BN + tl.arange(0, BN)
         rmask = rows < n_out
-        o = offs_ptr + tl.load(aexp_ptr + a).to(tl.int64) * 9
+        o = _offs(offs_ptr, aexp_ptr, smap_ptr, a, MAP)
         y = _qmv(w_ptr, s_ptr, tl.load(o + 2), tl.load(o + 7), tl.load(o + 8), rows, rmask,
                  h_ptr + a * n_in, n_in, BN, BK, BITS, G, ALIGN)
         tl.store(y_ptr + a * n_out + rows, tl.load(rw_ptr + a).to(tl.float32) * y, mask=rmask)
@@ -626,12 +638,21 @@ def _cfg(cfg: tuple) -> tuple[int, int, int, int, int, int, int, int]:
 
 
 def moe_decode(x: torch.Tensor, table: ExpertTable, aexp: torch.Tensor, rw: torch.Tensor, k: int,
-               cfg: tuple | None = None) -> torch.Tensor:
+               cfg: tuple | None = None, smap: torch.Tensor | None = None) -> torch.Tensor:
     """x [T, H]; aexp int32 [T*K]: row of `table.offs` of assignment t*K + k; rw [T*K] router
-    weights -> [T, H] in x's dtype (decode kernels)."""
+    weights -> [T, H] in x's dtype (decode kernels). With `smap` (int32 [E], the slot map's row of the
+    layer), aexp holds the router's expert ids (int32 or int64) and the kernels look their slots up."""
     _check(x, table)
     t = x.shape[0]
-    assert aexp.dtype == torch.int32 and aexp.numel() == t * k and rw.numel() == t * k
+    assert aexp.numel() == t * k and rw.numel() == t * k
+    if smap is None:
+        assert aexp.dtype == torch.int32
+    else:
+        assert smap.dtype == torch.int32 and smap.dim() == 1 and smap.is_contiguous()
+        assert aexp.dtype in (torch.int32, torch.int64)
+    mp = int(smap is not None)
+    smap = aexp if smap is None else smap  # (unused without MAP)
+    aexp = aexp.contiguous()
     bn, bk, warps, split, pair, align, i8, bn_dn = _cfg(cfg or decode_cfg(table.bits, table.group_size, x.device))
     bn_dn = bn_dn or bn
     g = table.group_size
@@ -641,21 +662,21 @@ def moe_decode(x: torch.Tensor, table: ExpertTable, aexp: torch.Tensor, rw: torc
     bk_in = max(min(bk, triton.next_power_of_2(table.hidden)), g)
     bk_mid = max(min(bk, triton.next_power_of_2(table.inter)), g)
     if i8:
-        return _moe_decode_i8(x, table, aexp, rw, k, bn, bn_dn, bk_in, bk_mid, warps, pair, align, i8)
+        return _moe_decode_i8(x, table, aexp, smap, mp, rw, k, bn, bn_dn, bk_in, bk_mid, warps, pair, align, i8)
     h = torch.empty(t * k, table.inter, dtype=torch.float32, device=x.device)
     _decode_gate_up[(triton.cdiv(table.inter, bn), t * k)](
-        x, h, table.words, table.scales, table.offs, aexp, table.hidden, table.inter, k,
-        BN=bn, BK=bk_in, BITS=table.bits, G=g, PAIR=pair, ALIGN=align, num_warps=warps)
+        x, h, table.words, table.scales, table.offs, aexp, smap, table.hidden, table.inter, k,
+        BN=bn, BK=bk_in, BITS=table.bits, G=g, PAIR=pair, ALIGN=align, MAP=mp, num_warps=warps)
     out = torch.empty_like(x)
     if split:
         y = torch.empty(t * k, table.hidden, dtype=torch.float32, device=x.device)
         _decode_down_each[(triton.cdiv(table.hidden, bn_dn), t * k)](
-            h, y, table.words, table.scales, table.offs, aexp, rw.contiguous(), table.inter, table.hidden,
-            BN=bn_dn, BK=bk_mid, BITS=table.bits, G=g, ALIGN=align, num_warps=warps)
+            h, y, table.words, table.scales, table.offs, aexp, smap, rw.contiguous(), table.inter, table.hidden,
+            BN=bn_dn, BK=bk_mid, BITS=table.bits, G=g, ALIGN=align, MAP=mp, num_warps=warps)
         return sum_k(y, out, k)
     _decode_down[(triton.cdiv(table.hidden, bn_dn), t)](
-        h, out, table.words, table.scales, table.offs, aexp, rw.contiguous(), table.inter, table.hidden, k,
-        BN=bn_dn, BK=bk_mid, BITS=table.bits, G=g, ALIGN=align, num_warps=warps)
+        h, out, table.words, table.scales, table.offs, aexp, smap, rw.contiguous(), table.inter, table.hidden, k,
+        BN=bn_dn, BK=bk_mid, BITS=table.bits, G=g, ALIGN=align, MAP=mp, num_warps=warps)
     return out
 
 
@@ -671,8 +692,8 @@ def quant_rows_i8(x: torch.Tensor, bits: int, span: int) -> tuple[torch.Tensor, 
     return xq, xf
 
 
-def _moe_decode_i8(x, table: ExpertTable, aexp, rw, k: int, bn: int, bn_dn: int, bk_in: int, bk_mid: int,
-                   warps: int, pair: int, align: int, i8: int) -> torch.Tensor:
+def _moe_decode_i8(x, table: ExpertTable, aexp, smap, mp: int, rw, k: int, bn: int, bn_dn: int, bk_in: int,
+                   bk_mid: int, warps: int, pair: int, align: int, i8: int) -> torch.Tensor:
     """moe_decode with activations rounded to int8 per span (a config's i8, i8_span): x, then h, through
     _quant_x; the products in dp4a integer sums (_qmv_i8); the down product a program per assignment."""
     t, bits, g = x.shape[0], table.bits, table.group_size
@@ -681,13 +702,13 @@ def _moe_decode_i8(x, table: ExpertTable, aexp, rw, k: int, bn: int, bn_dn: int,
     xq, xf = quant_rows_i8(x, bits, s)
     h = torch.empty(t * k, table.inter, dtype=torch.float32, device=x.device)
     _decode_gate_up_i8[(triton.cdiv(table.inter, bn), t * k)](
-        xq, xf, h, table.words, table.scales, table.offs, aexp, table.hidden, table.inter, k,
-        BN=bn, BK=bk_in, BITS=bits, G=g, S=s, PAIR=pair, ALIGN=align, ASM=asm, num_warps=warps)
+        xq, xf, h, table.words, table.scales, table.offs, aexp, smap, table.hidden, table.inter, k,
+        BN=bn, BK=bk_in, BITS=bits, G=g, S=s, PAIR=pair, ALIGN=align, ASM=asm, MAP=mp, num_warps=warps)
     hq, hf = quant_rows_i8(h, bits, s)
     y = torch.empty(t * k, table.hidden, dtype=torch.float32, device=x.device)
     _decode_down_i8[(triton.cdiv(table.hidden, bn_dn), t * k)](
-        hq, hf, y, table.words, table.scales, table.offs, aexp, rw.contiguous(), table.inter, table.hidden,
-        BN=bn_dn, BK=bk_mid, BITS=bits, G=g, S=s, ALIGN=align, ASM=asm, num_warps=warps)
+        hq, hf, y, table.words, table.scales, table.offs, aexp, smap, rw.contiguous(), table.inter, table.hidden,
+        BN=bn_dn, BK=bk_mid, BITS=bits, G=g, S=s, ALIGN=align, ASM=asm, MAP=mp, num_warps=warps)
     return sum_k(y, torch.empty_like(x), k)
 
 
