@@ -70,6 +70,31 @@ def test_rms_norm_of_a_strided_head_view_and_with_residual(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("t,heads,d,rd", [(1, 5, 40, 10), (3, 2, 24, 24), (2, 3, 72, 18)])
+def test_rms_norm_rope_of_strided_heads(dtype, t, heads, d, rd):
+    """q heads (the strided query half of q_proj's [query | gate] heads) and contiguous k heads: RMSNorm,
+    then RoPE on the first rd dims, against layers' torch code; the pass-through dims are the norm's alone."""
+    g = gen(9)
+    proj = rand(t, heads * 2 * d, g=g, dtype=dtype)
+    q, _ = proj.view(t, heads, 2 * d).chunk(2, dim=-1)
+    k = rand(t, heads, d, g=g, dtype=dtype)
+    w = rand(d, g=g, dtype=dtype, scale=0.3)
+    inv = layers.rope_inv_freq(rd, 10000.0)
+    cos, sin = layers.rope_cos_sin(torch.arange(7, 7 + t), inv, dtype)
+    cos, sin = cos.to(DEV), sin.to(DEV)
+    for x in (q, k):
+        want = layers.apply_partial_rope(_torch_rms_norm(x, w, 1e-6), cos, sin)
+        got = tl.rms_norm_rope(x, w, 1e-6, cos, sin)
+        assert got.is_contiguous() and got.dtype == dtype
+        if dtype == torch.float32:
+            close(got, want, dtype)
+        else:  # bfloat16 roundings of the norm and of both products (|x| < 4: an ulp <= 2^-6) then the sum,
+            # truncated by the interpreter: up to 2 ulps of the products apart, also where the sum cancels
+            torch.testing.assert_close(got.float(), want.float(), rtol=2.0**-6 + 1e-3, atol=2.0**-5)
+        close(got[..., rd:], _torch_rms_norm(x, w, 1e-6)[..., rd:], dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("c,wid", [(300, 4), (129, 3)])
 def test_conv_silu_step_shifts_the_state_in_place(dtype, c, wid):
     g = gen(2)

@@ -5,6 +5,7 @@ few thousand values; on a GPU each costs ~2 us, more than the weights they touch
 fuse the largest groups (models/layers.py calls them on CUDA tensors, the torch code elsewhere):
 
   rms_norm        (residual add +) RMSNorm with Qwen's (1 + w) scale: ~10 ops -> 1
+  rms_norm_rope   attention's per-head q/k RMSNorm, then partial RoPE: ~7 ops -> 1
   conv_silu_step  the depthwise causal conv of one token + SiLU, conv state shifted in place: ~8 -> 1
   delta_step      Gated DeltaNet's recurrent step for one token: the gates from a, b (softplus, decay,
                   sigmoid), L2-normalized q/k (repeated over the value heads), decay, delta-rule
@@ -51,6 +52,31 @@ if HAVE_TRITON:
         w = tl.load(w_ptr + cols, mask=m, other=0.0).to(tl.float32)
         inv = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n + eps)
         tl.store(y_ptr + row * n + cols, ((x * inv) * (1.0 + w)).to(y_ptr.dtype.element_ty), mask=m)
+
+    @triton.jit
+    def _rms_norm_rope(x_ptr, w_ptr, cos_ptr, sin_ptr, y_ptr, n, inner, s0, s1, rd, eps, BLOCK: tl.constexpr):
+        """rms_norm of row (t, h) of a strided [T, inner, n] view, then RoPE on its first rd values with token t's
+        cos/sin [T, rd]: x * cos + rotate_half(x) * sin, each product and the sum rounded to the dtype as torch
+        does; the partner value of rotate_half is loaded and normalized alongside (same scale)."""
+        row = tl.program_id(0)
+        t = row // inner
+        src = t * s0 + (row % inner) * s1
+        cols = tl.arange(0, BLOCK)
+        m = cols < n
+        half = rd // 2
+        pc = tl.where(cols < half, cols + half, tl.where(cols < rd, cols - half, cols))  # rotate_half's partner
+        x = tl.load(x_ptr + src + cols, mask=m, other=0.0).to(tl.float32)
+        xp = tl.load(x_ptr + src + pc, mask=m, other=0.0).to(tl.float32)
+        inv = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n + eps)
+        dt = y_ptr.dtype.element_ty
+        xn = ((x * inv) * (1.0 + tl.load(w_ptr + cols, mask=m, other=0.0).to(tl.float32))).to(dt).to(tl.float32)
+        xpn = ((xp * inv) * (1.0 + tl.load(w_ptr + pc, mask=m, other=0.0).to(tl.float32))).to(dt).to(tl.float32)
+        rm = m & (cols < rd)
+        c = tl.load(cos_ptr + t * rd + cols, mask=rm, other=0.0).to(tl.float32)
+        sn = tl.load(sin_ptr + t * rd + cols, mask=rm, other=0.0).to(tl.float32)
+        rot = tl.where(cols < half, -xpn, xpn)
+        roped = ((xn * c).to(dt).to(tl.float32) + (rot * sn).to(dt).to(tl.float32)).to(dt)
+        tl.store(y_ptr + row * n + cols, tl.where(cols < rd, roped, xn.to(dt)), mask=m)
 
     @triton.jit
     def _conv_silu_step(x_ptr, w_ptr, s_ptr, out_ptr, c, WID: tl.constexpr, WP: tl.constexpr,
@@ -189,6 +215,20 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     _rms_norm[(rows,)](x3, residual, xo, y, weight, n, inner, x3.stride(0), x3.stride(1), eps,
                        HAS_RES=True, BLOCK=block, num_warps=warps)
     return xo, y
+
+
+def rms_norm_rope(x: torch.Tensor, weight: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor):
+    """layers.apply_partial_rope(layers.rms_norm(x, weight, eps), cos, sin) for q or k heads x [T, heads, D]
+    (unit stride in D; the heads may be a strided view), cos/sin [T, rd] in x's dtype: one launch, contiguous."""
+    t, heads, n = x.shape
+    rd = cos.shape[-1]
+    assert x.stride(-1) == 1 and n <= MAX_ROW and rd % 2 == 0 and rd <= n
+    assert cos.shape == sin.shape == (t, rd) and cos.is_contiguous() and sin.is_contiguous()
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    block = triton.next_power_of_2(n)
+    _rms_norm_rope[(t * heads,)](x, weight, cos, sin, y, n, heads, x.stride(0), x.stride(1), rd, eps, BLOCK=block,
+                                 num_warps=4 if block >= 2048 else 1)
+    return y
 
 
 def conv_silu_step(x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor) -> torch.Tensor:

@@ -184,6 +184,15 @@ def rotate_half(x: Tensor) -> Tensor:
     return torch.cat([-x2, x1], dim=-1)
 
 
+def rms_norm_rope(x: Tensor, weight: Tensor, eps: float, cos: Tensor, sin: Tensor) -> Tensor:
+    """apply_partial_rope(rms_norm(x, weight, eps), cos, sin) for heads x [T, heads, D]; on CUDA one launch."""
+    fused = _fused(x)
+    if (fused is not None and x.dim() == 3 and x.stride(-1) == 1 and x.shape[-1] <= fused.MAX_ROW
+            and cos.dtype == x.dtype and cos.is_contiguous() and sin.is_contiguous()):
+        return fused.rms_norm_rope(x, weight, eps, cos, sin)
+    return apply_partial_rope(rms_norm(x, weight, eps), cos, sin)
+
+
 def apply_partial_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate the first cos.shape[-1] dims of x [T, heads, D]; the remaining dims pass through."""
     rd = cos.shape[-1]

@@ -22,7 +22,6 @@ from flashmoe_pack.models.layers import (
     KVCache,
     add_moe,
     add_rms_norm,
-    apply_partial_rope,
     attention,
     conv_silu_,
     decode_attention,
@@ -31,6 +30,7 @@ from flashmoe_pack.models.layers import (
     gated_rms_norm,
     linear,
     rms_norm,
+    rms_norm_rope,
     rope_cos_sin,
     rope_inv_freq,
     route,
@@ -423,10 +423,9 @@ class Qwen35MoeModel:
             qg, k, v = proj("q_proj", x), proj("k_proj", x), proj("v_proj", x)
         # q_proj packs per head [query D | gate D]: [T, hq, D] each
         q, gate = qg.reshape(t, hq, 2 * d).chunk(2, dim=-1)
-        q = rms_norm(q, w["self_attn.q_norm.weight"], c.rms_norm_eps)
-        k = rms_norm(k.reshape(t, hkv, d), w["self_attn.k_norm.weight"], c.rms_norm_eps)
+        q = rms_norm_rope(q, w["self_attn.q_norm.weight"], c.rms_norm_eps, cos, sin)
+        k = rms_norm_rope(k.reshape(t, hkv, d), w["self_attn.k_norm.weight"], c.rms_norm_eps, cos, sin)
         v = v.reshape(t, hkv, d)
-        q, k = apply_partial_rope(q, cos, sin), apply_partial_rope(k, cos, sin)
         cache = state.kv[i]
         if pos is None:
             past = cache.length
