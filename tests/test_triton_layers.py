@@ -95,6 +95,38 @@ def test_rms_norm_rope_of_strided_heads(dtype, t, heads, d, rd):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hq,hkv,d,cap,pos", [(6, 2, 40, 600, 0), (6, 2, 40, 600, 256), (4, 4, 16, 300, 299),
+                                             (8, 1, 32, 257, 130)])
+def test_static_attention_equals_write_at_then_decode_attention(dtype, hq, hkv, d, cap, pos):
+    """The static decode step (KV write at a device position, attention over 0..pos split into chunks of
+    ATTN_CHUNK positions and combined, sigmoid gate) against layers' torch code, from q_proj's strided gate
+    half and a strided v; the caches end equal: the new key/value at pos, every other slot untouched."""
+    g = gen(11)
+    q = rand(1, hq, d, g=g, dtype=dtype)
+    gate = rand(1, hq, 2 * d, g=g, dtype=dtype)[..., :d]  # a strided view, as q_proj's [query | gate] split
+    k = rand(1, hkv, d, g=g, dtype=dtype)
+    v = rand(1, hkv, 3 * d, g=g, dtype=dtype)[..., d: 2 * d]
+    ref = layers.KVCache(hkv, d, dtype, DEV, capacity=cap)
+    ref.k.copy_(rand(hkv, cap, d, g=g, dtype=dtype))
+    ref.v.copy_(rand(hkv, cap, d, g=g, dtype=dtype))
+    ours = ref.clone()
+    ours.k, ours.v = ref.k.clone(), ref.v.clone()  # the whole buffers (clone keeps the used part only)
+    p = torch.tensor([pos], device=DEV)
+    want = layers.static_attention(q, k, v, ref, p, gate) if DEV == "cpu" else None
+    if want is None:  # on the GPU layers takes the kernel: the torch code spelled out
+        keys, values = ref.write_at(k.transpose(0, 1), v.transpose(0, 1), p)
+        o = layers.decode_attention(q.transpose(0, 1), keys, values, p)
+        want = o.transpose(0, 1).reshape(1, -1) * torch.sigmoid(gate.reshape(1, -1))
+    got = tl.static_attention(q, k, v, ours.k, ours.v, p, gate)
+    assert got.shape == (1, hq * d) and got.dtype == dtype
+    if dtype == torch.float32:
+        close(got, want, dtype)
+    else:  # torch rounds the scores and the probabilities to bfloat16, the kernel keeps them in fp32
+        torch.testing.assert_close(got.float(), want.float(), rtol=3e-2, atol=3e-2)
+    assert torch.equal(ours.k, ref.k) and torch.equal(ours.v, ref.v)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("c,wid", [(300, 4), (129, 3)])
 def test_conv_silu_step_shifts_the_state_in_place(dtype, c, wid):
     g = gen(2)
@@ -225,11 +257,23 @@ def test_model_decode_through_the_kernels_equals_torch(monkeypatch, fuse):
     m.forward(ids[:12], plain)
     m.forward(ids[:12], fused)
     for t in (12, 13):
-        want = m.forward(ids[t : t + 1], plain)
+        static = t == 13  # the second step as a CUDA graph runs it: static shapes, the position on the device
+        for s in (plain, fused) if static else ():
+            for kv in s.kv.values():
+                kv.reserve(s.pos + 1)
+        pos = torch.tensor([plain.pos], device=DEV) if static else None
+        want = m.forward(ids[t : t + 1], plain, pos=pos)
         with monkeypatch.context() as mp:
             mp.setattr(layers, "_fused", lambda x: tl)
-            got = m.forward(ids[t : t + 1], fused)
+            got = m.forward(ids[t : t + 1], fused, pos=pos)
+        if static:
+            plain.advance(1)
+            fused.advance(1)
         close(got, want, dtype)
     for i in plain.recurrent:
         close(fused.recurrent[i], plain.recurrent[i], dtype)
         close(fused.conv[i], plain.conv[i], dtype)
+    for i, c in plain.kv.items():  # the static step's key and value written at their position
+        n = plain.pos
+        close(fused.kv[i].k[:, :n], c.k[:, :n], dtype)
+        close(fused.kv[i].v[:, :n], c.v[:, :n], dtype)

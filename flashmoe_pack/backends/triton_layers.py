@@ -6,6 +6,7 @@ fuse the largest groups (models/layers.py calls them on CUDA tensors, the torch 
 
   rms_norm        (residual add +) RMSNorm with Qwen's (1 + w) scale: ~10 ops -> 1
   rms_norm_rope   attention's per-head q/k RMSNorm, then partial RoPE: ~7 ops -> 1
+  static_attention  a static decode step's KV write, attention over the cache and sigmoid gate: ~14 -> 2
   conv_silu_step  the depthwise causal conv of one token + SiLU, conv state shifted in place: ~8 -> 1
   delta_step      Gated DeltaNet's recurrent step for one token: the gates from a, b (softplus, decay,
                   sigmoid), L2-normalized q/k (repeated over the value heads), decay, delta-rule
@@ -77,6 +78,81 @@ if HAVE_TRITON:
         rot = tl.where(cols < half, -xpn, xpn)
         roped = ((xn * c).to(dt).to(tl.float32) + (rot * sn).to(dt).to(tl.float32)).to(dt)
         tl.store(y_ptr + row * n + cols, tl.where(cols < rd, roped, xn.to(dt)), mask=m)
+
+    @triton.jit
+    def _attn_split(q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, pos_ptr, part_ptr, cap, group, kn_s, vn_s, scale,
+                    D: tl.constexpr, BD: tl.constexpr, CH: tl.constexpr, BS: tl.constexpr):
+        """Query head h over cache positions [sp*CH, (sp+1)*CH) up to pos of its kv head h // group, the new
+        key/value (kn, vn) standing at pos; an online softmax in fp32 -> part[h, sp] = (acc [BD], max, sum).
+        The group's first head writes kn, vn into the caches at pos (the other heads take them from kn, vn,
+        so what they read at pos does not matter)."""
+        h = tl.program_id(0)
+        sp = tl.program_id(1)
+        nsp = tl.num_programs(1)
+        kh = h // group
+        pos = tl.load(pos_ptr).to(tl.int32)
+        d = tl.arange(0, BD)
+        dm = d < D
+        q = tl.load(q_ptr + h * D + d, mask=dm, other=0.0).to(tl.float32) * scale
+        kn = tl.load(kn_ptr + kh * kn_s + d, mask=dm, other=0.0)
+        vn = tl.load(vn_ptr + kh * vn_s + d, mask=dm, other=0.0)
+        base = kh * cap * D
+        m = tl.full([1], float("-inf"), tl.float32)
+        l_sum = tl.zeros([1], dtype=tl.float32)
+        acc = tl.zeros([BD], dtype=tl.float32)
+        start = sp * CH
+        end = tl.minimum(start + CH, pos + 1)
+        for s0 in range(start, end, BS):
+            srow = s0 + tl.arange(0, BS)
+            valid = srow < end
+            m2 = valid[:, None] & dm[None, :]
+            off = base + srow[:, None] * D + d[None, :]
+            kb = tl.load(kc_ptr + off, mask=m2, other=0.0).to(tl.float32)
+            kb = tl.where(srow[:, None] == pos, kn[None, :].to(tl.float32), kb)
+            sc = tl.where(valid, tl.sum(kb * q[None, :], axis=1), float("-inf"))  # [BS]
+            m_new = tl.maximum(m, tl.max(sc, axis=0))
+            p = tl.exp(sc - m_new)  # (the block holds a valid position: m_new is finite)
+            alpha = tl.exp(m - m_new)
+            vb = tl.load(vc_ptr + off, mask=m2, other=0.0).to(tl.float32)
+            vb = tl.where(srow[:, None] == pos, vn[None, :].to(tl.float32), vb)
+            acc = acc * alpha + tl.sum(p[:, None] * vb, axis=0)
+            l_sum = l_sum * alpha + tl.sum(p, axis=0)
+            m = m_new
+        out = part_ptr + (h * nsp + sp) * (BD + 2)
+        tl.store(out + d, acc)
+        one = tl.arange(0, 1)
+        tl.store(out + BD + one, m)
+        tl.store(out + BD + 1 + one, l_sum)
+        if (h % group == 0) & (start <= pos) & (pos < start + CH):
+            tl.store(kc_ptr + base + pos * D + d, kn.to(kc_ptr.dtype.element_ty), mask=dm)
+            tl.store(vc_ptr + base + pos * D + d, vn.to(vc_ptr.dtype.element_ty), mask=dm)
+
+    @triton.jit
+    def _attn_combine(part_ptr, gate_ptr, o_ptr, nsp, gate_s, D: tl.constexpr, BD: tl.constexpr):
+        """o[h] = (the splits' softmax-weighted values, combined) rounded to o's dtype, times sigmoid(gate[h])
+        rounded to it, the product rounded (torch's o * torch.sigmoid(gate))."""
+        h = tl.program_id(0)
+        d = tl.arange(0, BD)
+        dm = d < D
+        one = tl.arange(0, 1)
+        m = tl.full([1], float("-inf"), tl.float32)
+        l_sum = tl.zeros([1], dtype=tl.float32)
+        acc = tl.zeros([BD], dtype=tl.float32)
+        for sp in range(0, nsp):
+            src = part_ptr + (h * nsp + sp) * (BD + 2)
+            mi = tl.load(src + BD + one)
+            m_new = tl.maximum(m, mi)
+            safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # (a split past pos holds max -inf, sum 0)
+            a_old = tl.exp(m - safe)
+            a_new = tl.exp(mi - safe)
+            acc = acc * a_old + tl.load(src + d) * a_new
+            l_sum = l_sum * a_old + tl.load(src + BD + 1 + one) * a_new
+            m = m_new
+        dt = o_ptr.dtype.element_ty
+        o = (acc / l_sum).to(dt).to(tl.float32)
+        g = tl.load(gate_ptr + h * gate_s + d, mask=dm, other=0.0).to(tl.float32)
+        sg = (1.0 / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
+        tl.store(o_ptr + h * D + d, (o * sg).to(dt), mask=dm)
 
     @triton.jit
     def _conv_silu_step(x_ptr, w_ptr, s_ptr, out_ptr, c, WID: tl.constexpr, WP: tl.constexpr,
@@ -229,6 +305,30 @@ def rms_norm_rope(x: torch.Tensor, weight: torch.Tensor, eps: float, cos: torch.
     _rms_norm_rope[(t * heads,)](x, weight, cos, sin, y, n, heads, x.stride(0), x.stride(1), rd, eps, BLOCK=block,
                                  num_warps=4 if block >= 2048 else 1)
     return y
+
+
+ATTN_CHUNK = 256  # static_attention: cache positions per program (a split); BS per inner block
+ATTN_BLOCK = 16
+
+
+def static_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k: torch.Tensor,
+                     cache_v: torch.Tensor, pos: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """layers.static_attention in two launches: k, v [1, Hkv, D] written into the caches [Hkv, C, D] at the
+    device position pos [1]; q [1, Hq, D] (contiguous) over positions 0..pos (split over positions, then
+    combined: flash decoding), times sigmoid(gate [1, Hq, D], unit stride in D) -> [1, Hq * D] in q's dtype."""
+    _, hq, d = q.shape
+    hkv, cap = cache_k.shape[0], cache_k.shape[1]
+    assert q.is_contiguous() and cache_k.is_contiguous() and cache_v.is_contiguous() and hq % hkv == 0
+    assert cache_k.shape == cache_v.shape == (hkv, cap, d) and k.shape == v.shape == (1, hkv, d)
+    assert k.stride(-1) == v.stride(-1) == gate.stride(-1) == 1 and gate.shape == q.shape
+    bd = triton.next_power_of_2(d)
+    nsp = triton.cdiv(cap, ATTN_CHUNK)
+    part = torch.empty(hq, nsp, bd + 2, dtype=torch.float32, device=q.device)
+    _attn_split[(hq, nsp)](q, k, v, cache_k, cache_v, pos, part, cap, hq // hkv, k.stride(1), v.stride(1),
+                           d**-0.5, D=d, BD=bd, CH=ATTN_CHUNK, BS=ATTN_BLOCK, num_warps=4)
+    o = torch.empty(1, hq * d, dtype=q.dtype, device=q.device)
+    _attn_combine[(hq,)](part, gate, o, nsp, gate.stride(1), D=d, BD=bd, num_warps=1 if bd <= 256 else 4)
+    return o
 
 
 def conv_silu_step(x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor) -> torch.Tensor:

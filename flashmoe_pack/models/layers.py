@@ -442,6 +442,18 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, pos: Tensor) -> Tensor:
     return out.reshape(hq, 1, d)
 
 
+def static_attention(q: Tensor, k: Tensor, v: Tensor, cache: KVCache, pos: Tensor, gate: Tensor) -> Tensor:
+    """The static decode step's attention: k, v [1, Hkv, D] written into `cache` at the device position pos [1],
+    q [1, Hq, D] over it (decode_attention), times sigmoid(gate [1, Hq, D]) -> [1, Hq * D]; on CUDA two launches."""
+    fused = _fused(q)
+    if (fused is not None and q.is_contiguous() and k.stride(-1) == v.stride(-1) == gate.stride(-1) == 1
+            and k.dtype == v.dtype == cache.k.dtype == q.dtype == gate.dtype):
+        return fused.static_attention(q, k, v, cache.k, cache.v, pos, gate)
+    keys, values = cache.write_at(k.transpose(0, 1), v.transpose(0, 1), pos)  # [Hkv, capacity, D]
+    o = decode_attention(q.transpose(0, 1), keys, values, pos)  # [Hq, 1, D]
+    return o.transpose(0, 1).reshape(1, -1) * torch.sigmoid(gate.reshape(1, -1))
+
+
 # ------------------------------------------------------------------------------------------ mlp
 
 

@@ -24,7 +24,6 @@ from flashmoe_pack.models.layers import (
     add_rms_norm,
     attention,
     conv_silu_,
-    decode_attention,
     embedding,
     gated_delta_step_,
     gated_rms_norm,
@@ -34,6 +33,7 @@ from flashmoe_pack.models.layers import (
     rope_cos_sin,
     rope_inv_freq,
     route,
+    static_attention,
     swiglu,
     swiglu_fused,
 )
@@ -431,8 +431,7 @@ class Qwen35MoeModel:
             past = cache.length
             keys, values = cache.append(k.transpose(0, 1), v.transpose(0, 1))  # [hkv, S, D]
             o = attention(q.transpose(0, 1), keys, values, past)  # [hq, T, D]
+            o = o.transpose(0, 1).reshape(t, hq * d) * torch.sigmoid(gate.reshape(t, hq * d))
         else:  # static step: write at pos, attend over the whole buffer with positions > pos masked
-            keys, values = cache.write_at(k.transpose(0, 1), v.transpose(0, 1), pos)  # [hkv, capacity, D]
-            o = decode_attention(q.transpose(0, 1), keys, values, pos)  # [hq, 1, D]
-        o = o.transpose(0, 1).reshape(t, hq * d) * torch.sigmoid(gate.reshape(t, hq * d))
+            o = static_attention(q, k, v, cache, pos, gate)  # [1, hq * D]
         return proj("o_proj", o)  # [T, H]
