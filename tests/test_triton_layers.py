@@ -96,7 +96,7 @@ def test_rms_norm_rope_of_strided_heads(dtype, t, heads, d, rd):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("hq,hkv,d,cap,pos", [(6, 2, 40, 600, 0), (6, 2, 40, 600, 256), (4, 4, 16, 300, 299),
-                                             (8, 1, 32, 257, 130)])
+                                             (8, 1, 32, 257, 130), (4, 2, 16, 1100, 1050)])  # 18 splits
 def test_static_attention_equals_write_at_then_decode_attention(dtype, hq, hkv, d, cap, pos):
     """The static decode step (KV write at a device position, attention over 0..pos split into chunks of
     ATTN_CHUNK positions and combined, sigmoid gate) against layers' torch code, from q_proj's strided gate

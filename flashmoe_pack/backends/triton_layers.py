@@ -128,25 +128,27 @@ if HAVE_TRITON:
             tl.store(vc_ptr + base + pos * D + d, vn.to(vc_ptr.dtype.element_ty), mask=dm)
 
     @triton.jit
-    def _attn_combine(part_ptr, gate_ptr, o_ptr, nsp, gate_s, D: tl.constexpr, BD: tl.constexpr):
-        """o[h] = (the splits' softmax-weighted values, combined) rounded to o's dtype, times sigmoid(gate[h])
-        rounded to it, the product rounded (torch's o * torch.sigmoid(gate))."""
+    def _attn_combine(part_ptr, gate_ptr, o_ptr, nsp, gate_s, D: tl.constexpr, BD: tl.constexpr, SB: tl.constexpr):
+        """o[h] = (the splits' softmax-weighted values, combined SB splits at a time) rounded to o's dtype, times
+        sigmoid(gate[h]) rounded to it, the product rounded (torch's o * torch.sigmoid(gate))."""
         h = tl.program_id(0)
         d = tl.arange(0, BD)
         dm = d < D
-        one = tl.arange(0, 1)
         m = tl.full([1], float("-inf"), tl.float32)
         l_sum = tl.zeros([1], dtype=tl.float32)
         acc = tl.zeros([BD], dtype=tl.float32)
-        for sp in range(0, nsp):
+        for s0 in range(0, nsp, SB):
+            sp = s0 + tl.arange(0, SB)
+            spm = sp < nsp
             src = part_ptr + (h * nsp + sp) * (BD + 2)
-            mi = tl.load(src + BD + one)
-            m_new = tl.maximum(m, mi)
-            safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # (a split past pos holds max -inf, sum 0)
+            mi = tl.load(src + BD, mask=spm, other=float("-inf"))  # [SB] (a split past pos: max -inf, sum 0)
+            m_new = tl.maximum(m, tl.max(mi, axis=0))
+            safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             a_old = tl.exp(m - safe)
-            a_new = tl.exp(mi - safe)
-            acc = acc * a_old + tl.load(src + d) * a_new
-            l_sum = l_sum * a_old + tl.load(src + BD + 1 + one) * a_new
+            a_new = tl.exp(mi - safe)  # [SB]
+            part = tl.load(src[:, None] + d[None, :], mask=spm[:, None], other=0.0)  # [SB, BD]
+            acc = acc * a_old + tl.sum(part * a_new[:, None], axis=0)
+            l_sum = l_sum * a_old + tl.sum(tl.load(src + BD + 1, mask=spm, other=0.0) * a_new, axis=0)
             m = m_new
         dt = o_ptr.dtype.element_ty
         o = (acc / l_sum).to(dt).to(tl.float32)
@@ -307,8 +309,10 @@ def rms_norm_rope(x: torch.Tensor, weight: torch.Tensor, eps: float, cos: torch.
     return y
 
 
-ATTN_CHUNK = 256  # static_attention: cache positions per program (a split); BS per inner block
-ATTN_BLOCK = 16
+# static_attention: cache positions per program (a split; 2 blocks of ATTN_BLOCK): small, so that a step's few
+# hundred positions spread over many programs (16 query heads x 8 splits at 512 cached tokens) that each wait
+# on two loads, not one program per head looping over them all (chosen, not measured)
+ATTN_CHUNK, ATTN_BLOCK = 64, 32
 
 
 def static_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k: torch.Tensor,
@@ -327,7 +331,7 @@ def static_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k:
     _attn_split[(hq, nsp)](q, k, v, cache_k, cache_v, pos, part, cap, hq // hkv, k.stride(1), v.stride(1),
                            d**-0.5, D=d, BD=bd, CH=ATTN_CHUNK, BS=ATTN_BLOCK, num_warps=4)
     o = torch.empty(1, hq * d, dtype=q.dtype, device=q.device)
-    _attn_combine[(hq,)](part, gate, o, nsp, gate.stride(1), D=d, BD=bd, num_warps=1 if bd <= 256 else 4)
+    _attn_combine[(hq,)](part, gate, o, nsp, gate.stride(1), D=d, BD=bd, SB=16, num_warps=4)
     return o
 
 
