@@ -150,8 +150,11 @@ def test_fused_projections_equal_the_separate_ones(pair):
     assert "linear_attn.in_proj_qkvzba.weight" in fused.layers[lin]
     assert "self_attn.qkv_proj.weight" in fused.layers[full]
     for i in (lin, full):
-        assert {"mlp.shared_expert.gate_up_proj.weight", "mlp.gate_and_shared_gate.weight"} <= set(fused.layers[i])
-        assert "mlp.gate.weight" not in fused.layers[i] and f"model.layers.{i}.mlp.gate.weight" not in w
+        assert "mlp.router_shared.weight" in fused.layers[i]  # router, shared gate logit, shared gate and up
+        assert fused.layers[i]["mlp.router_shared.weight.split"] == [cfg.num_experts, 1] + [
+            cfg.shared_expert_intermediate_size] * 2
+        for part in ("gate", "shared_expert_gate", "shared_expert.gate_proj", "shared_expert.up_proj"):
+            assert f"mlp.{part}.weight" not in fused.layers[i] and f"model.layers.{i}.mlp.{part}.weight" not in w
     assert f"model.layers.{lin}.linear_attn.in_proj_z.weight" not in w
     assert f"model.layers.{full}.self_attn.k_proj.weight" not in w
     ids = torch.randint(0, 101, (40,), generator=torch.Generator().manual_seed(11))
@@ -179,7 +182,7 @@ def test_fused_projections_of_quantized_matrices(pair):
             w[k] = quantize(w[k], 8, 32, torch.float32, "minmax")
     plain = Qwen35MoeModel(cfg, dict(w), experts)
     fused = Qwen35MoeModel(cfg, dict(w), experts, fuse=True)
-    assert isinstance(fused.layers[0]["mlp.shared_expert.gate_up_proj.weight"], QTensor)
+    assert isinstance(fused.layers[0]["mlp.router_shared.weight"], QTensor)
     ids = torch.randint(0, 101, (20,), generator=torch.Generator().manual_seed(12))
     a, b = plain.new_state(), fused.new_state()
     assert relative_error(fused.forward(ids[:17], b), plain.forward(ids[:17], a)) < 1e-5

@@ -459,16 +459,17 @@ def static_attention(q: Tensor, k: Tensor, v: Tensor, cache: KVCache, pos: Tenso
 
 def swiglu(x: Tensor, gate: Tensor, up: Tensor, down: Tensor) -> Tensor:
     """down(silu(gate x) * up x): x [T, H], gate/up [I, H], down [H, I] -> [T, H] (float or QTensor weights)."""
-    return _silu_down(linear(x, gate), linear(x, up), down)
+    return silu_down(linear(x, gate), linear(x, up), down)
 
 
 def swiglu_fused(x: Tensor, gate_up: Tensor, down: Tensor) -> Tensor:
     """swiglu with gate and up concatenated by rows into one matrix gate_up [2I, H]."""
     g, u = linear(x, gate_up).chunk(2, dim=-1)
-    return _silu_down(g, u, down)
+    return silu_down(g, u, down)
 
 
-def _silu_down(g: Tensor, u: Tensor, down: Tensor) -> Tensor:
+def silu_down(g: Tensor, u: Tensor, down: Tensor) -> Tensor:
+    """down(silu(g) * u): swiglu's second half, for gate and up products g, u [T, I] computed elsewhere."""
     fused = _fused(g)
     if fused is not None and g.dtype == u.dtype and g.is_contiguous() and u.is_contiguous():
         return linear(fused.silu_mul(g, u), down)

@@ -33,6 +33,7 @@ from flashmoe_pack.models.layers import (
     rope_cos_sin,
     rope_inv_freq,
     route,
+    silu_down,
     static_attention,
     swiglu,
     swiglu_fused,
@@ -229,7 +230,11 @@ _LINEAR_PARAMS = ["A_log", "dt_bias"]
 _FULL = ["q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm"]
 _MLP = [f"shared_expert.{p}_proj" for p in ("gate", "up", "down")] + ["gate", "shared_expert_gate"]
 # fuse=True: matrices that read the same input, concatenated by rows into one product (name -> parts)
+# (the first group that applies takes its parts: the router, its shared gate and the shared expert's gate and up
+# read the same h, one product; the smaller groups below where the four do not stack)
 _FUSE = {
+    "mlp.router_shared.weight": ["mlp.gate.weight", "mlp.shared_expert_gate.weight",
+                                 "mlp.shared_expert.gate_proj.weight", "mlp.shared_expert.up_proj.weight"],
     "linear_attn.in_proj_qkvzba.weight": [f"linear_attn.in_proj_{p}.weight" for p in ("qkv", "z", "b", "a")],
     "self_attn.qkv_proj.weight": [f"self_attn.{p}_proj.weight" for p in ("q", "k", "v")],
     "mlp.shared_expert.gate_up_proj.weight": [f"mlp.shared_expert.{p}_proj.weight" for p in ("gate", "up")],
@@ -276,9 +281,10 @@ class Qwen35MoeModel:
     Weight matrices are float tensors or QTensors (layers.linear runs either). Computes in `dtype`
     (default: the embedding's dtype, bf16 for a quantized embedding) on the embedding's device.
     fuse=True concatenates the float matrices that read the same input (linear attention's four
-    input projections; q, k, v; the shared expert's gate and up; the router and the shared expert's
-    gate), one product instead of two to four, and takes the parts out of `weights` (the runtime does
-    this on CUDA, where a decode step's cost is mostly launches).
+    input projections; q, k, v; the router, the shared expert's gate logit and its gate and up
+    projections, whose product the profiler counts as routing), one product instead of two to four,
+    and takes the parts out of `weights` (the runtime does this on CUDA, where a decode step's cost
+    is mostly launches).
     """
 
     config_class = Qwen35MoeConfig
@@ -359,8 +365,12 @@ class Qwen35MoeModel:
                     h = self._full_attn(i, w, h, cos, sin, state, pos)
             with section("other", i):
                 x, h = add_rms_norm(x, h, w["post_attention_layernorm.weight"], c.rms_norm_eps)  # [T, H] each
+            gate_up = None  # the shared expert's gate and up products, where the router's product holds them
             with section("routing", i):
-                if "mlp.gate_and_shared_gate.weight" in w:
+                if "mlp.router_shared.weight" in w:
+                    logits, shared_gate, *gate_up = linear(h, w["mlp.router_shared.weight"]).split(
+                        w["mlp.router_shared.weight.split"], dim=-1)
+                elif "mlp.gate_and_shared_gate.weight" in w:
                     logits, shared_gate = linear(h, w["mlp.gate_and_shared_gate.weight"]).split(
                         w["mlp.gate_and_shared_gate.weight.split"], dim=-1)
                 else:
@@ -370,7 +380,9 @@ class Qwen35MoeModel:
                 routed = self.experts.forward(i, h, top_ids, top_p)  # [T, H]
             with section("other", i):
                 down = w["mlp.shared_expert.down_proj.weight"]
-                if "mlp.shared_expert.gate_up_proj.weight" in w:
+                if gate_up is not None:
+                    shared = silu_down(*gate_up, down)
+                elif "mlp.shared_expert.gate_up_proj.weight" in w:
                     shared = swiglu_fused(h, w["mlp.shared_expert.gate_up_proj.weight"], down)
                 else:
                     shared = swiglu(h, w["mlp.shared_expert.gate_proj.weight"], w["mlp.shared_expert.up_proj.weight"],
