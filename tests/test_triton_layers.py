@@ -203,10 +203,15 @@ def test_add_moe_and_silu_mul(dtype, t, n):
     gate = rand(t, 1, g=g, dtype=dtype, scale=3.0)
     a, b = rand(t, n, g=g, dtype=dtype, scale=4.0), rand(t, n, g=g, dtype=dtype)
     tol = {torch.float32: (1e-5, 1e-5), torch.float16: (1e-3, 4e-3), torch.bfloat16: (3e-2, 1e-1)}[dtype]
-    for got, want in ((tl.add_moe(x, routed, shared, gate), x + (routed + torch.sigmoid(gate) * shared)),
-                      (tl.silu_mul(a, b), torch.nn.functional.silu(a) * b)):
+    moe = x + (routed + torch.sigmoid(gate) * shared)
+    for got, want in ((tl.add_moe(x, routed, shared, gate), moe), (tl.silu_mul(a, b), torch.nn.functional.silu(a) * b)):
         assert got.dtype == dtype
         torch.testing.assert_close(got.float(), want.float(), rtol=tol[0], atol=tol[1])
+    # with the next layer's input norm in the same launch: the same sum, and rms_norm of the sum it stored
+    w = rand(n, g=g, dtype=dtype, scale=0.3)
+    y, h = tl.add_moe(x, routed, shared, gate, norm=(w, 1e-6))
+    torch.testing.assert_close(y, tl.add_moe(x, routed, shared, gate), rtol=0, atol=0)
+    close(h, _torch_rms_norm(y, w, 1e-6), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

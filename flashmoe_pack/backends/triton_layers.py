@@ -13,7 +13,8 @@ fuse the largest groups (models/layers.py calls them on CUDA tensors, the torch 
                   update of the fp32 state in place, output: ~45 -> 1
   gated_rms_norm  RMSNorm(core) * w * silu(z): ~12 -> 1
   route           the router's softmax, top-K and renormalization: ~6 -> 1
-  add_moe         x + routed + sigmoid(gate) * shared: 4 -> 1;  silu_mul  silu(g) * u: 2 -> 1
+  add_moe         x + routed + sigmoid(gate) * shared (+ the next layer's input RMSNorm): 4 (14) -> 1
+  silu_mul        silu(g) * u: 2 -> 1
 
 Each computes what the torch code computes, in the same precision: fp32 arithmetic with the
 roundings to the activation dtype where torch rounds (tests/test_triton_layers.py checks them
@@ -248,8 +249,9 @@ if HAVE_TRITON:
         tl.store(w_ptr + t * K + kk, (top_p / tl.sum(top_p, axis=0)).to(w_ptr.dtype.element_ty), mask=km)
 
     @triton.jit
-    def _add_moe(x_ptr, r_ptr, s_ptr, g_ptr, y_ptr, n, BLOCK: tl.constexpr):
-        """y = x + (routed + sigmoid(gate) * shared), each op rounded to the dtype as torch does."""
+    def _add_moe(x_ptr, r_ptr, s_ptr, g_ptr, y_ptr, w_ptr, h_ptr, n, eps, NORM: tl.constexpr, BLOCK: tl.constexpr):
+        """y = x + (routed + sigmoid(gate) * shared), each op rounded to the dtype as torch does; NORM (one
+        program per row): also h = rms_norm(y) with weight w, as _rms_norm (the next layer's input norm)."""
         row = tl.program_id(0)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         m = cols < n
@@ -260,7 +262,13 @@ if HAVE_TRITON:
         ro = tl.load(r_ptr + row * n + cols, mask=m, other=0.0).to(tl.float32)
         x = tl.load(x_ptr + row * n + cols, mask=m, other=0.0).to(tl.float32)
         moe = (ro + (sg * sh).to(dt).to(tl.float32)).to(dt).to(tl.float32)
-        tl.store(y_ptr + row * n + cols, (x + moe).to(dt), mask=m)
+        y = (x + moe).to(dt)
+        tl.store(y_ptr + row * n + cols, y, mask=m)
+        if NORM:
+            yf = y.to(tl.float32)
+            w = tl.load(w_ptr + cols, mask=m, other=0.0).to(tl.float32)
+            inv = 1.0 / tl.sqrt(tl.sum(yf * yf, axis=0) / n + eps)
+            tl.store(h_ptr + row * n + cols, ((yf * inv) * (1.0 + w)).to(h_ptr.dtype.element_ty), mask=m)
 
     @triton.jit
     def _silu_mul(g_ptr, u_ptr, y_ptr, n, BLOCK: tl.constexpr):
@@ -398,15 +406,25 @@ def route(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, w
 
 
-def add_moe(x: torch.Tensor, routed: torch.Tensor, shared: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-    """layers.add_moe for x, routed, shared [T, H] (one dtype, contiguous) and gate logits [T, 1]."""
+def add_moe(x: torch.Tensor, routed: torch.Tensor, shared: torch.Tensor, gate: torch.Tensor,
+            norm: tuple[torch.Tensor, float] | None = None):
+    """layers.add_moe for x, routed, shared [T, H] (one dtype, contiguous) and gate logits [T, 1]; with
+    norm = (weight, eps): (that sum, rms_norm of it) in the same launch."""
     t, n = x.shape
     assert routed.shape == shared.shape == x.shape and gate.numel() == t
     assert routed.dtype == shared.dtype == x.dtype == gate.dtype
     assert x.is_contiguous() and routed.is_contiguous() and shared.is_contiguous()
     y = torch.empty_like(x)
-    _add_moe[(t, triton.cdiv(n, 1024))](x, routed, shared, gate.contiguous(), y, n, BLOCK=1024, num_warps=4)
-    return y
+    if norm is None:
+        _add_moe[(t, triton.cdiv(n, 1024))](x, routed, shared, gate.contiguous(), y, y, y, n, 0.0, NORM=False,
+                                            BLOCK=1024, num_warps=4)
+        return y
+    assert n <= MAX_ROW
+    h = torch.empty_like(x)
+    block = triton.next_power_of_2(n)
+    _add_moe[(t, 1)](x, routed, shared, gate.contiguous(), y, norm[0], h, n, norm[1], NORM=True, BLOCK=block,
+                     num_warps=4 if block >= 2048 else 1)
+    return y, h
 
 
 def silu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

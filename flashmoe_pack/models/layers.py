@@ -311,10 +311,25 @@ def gated_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, s
 def add_moe(x: Tensor, routed: Tensor, shared: Tensor, shared_gate: Tensor) -> Tensor:
     """x + routed experts + the shared expert scaled by sigmoid(its gate logit [T, 1]); on CUDA one launch."""
     fused = _fused(x)
-    if (fused is not None and x.dim() == 2 and x.dtype == routed.dtype == shared.dtype == shared_gate.dtype
-            and x.is_contiguous() and routed.is_contiguous() and shared.is_contiguous()):
+    if _add_moe_fits(fused, x, routed, shared, shared_gate):
         return fused.add_moe(x, routed, shared, shared_gate)
     return x + (routed + torch.sigmoid(shared_gate) * shared)
+
+
+def add_moe_rms_norm(x: Tensor, routed: Tensor, shared: Tensor, shared_gate: Tensor, weight: Tensor,
+                     eps: float) -> tuple[Tensor, Tensor]:
+    """(y = add_moe(...), rms_norm(y, weight, eps)): a layer's last step and the next layer's first; on CUDA
+    one launch."""
+    fused = _fused(x)
+    if _add_moe_fits(fused, x, routed, shared, shared_gate) and x.shape[-1] <= fused.MAX_ROW:
+        return fused.add_moe(x, routed, shared, shared_gate, norm=(weight, eps))
+    y = add_moe(x, routed, shared, shared_gate)
+    return y, rms_norm(y, weight, eps)
+
+
+def _add_moe_fits(fused, x: Tensor, routed: Tensor, shared: Tensor, shared_gate: Tensor) -> bool:
+    return (fused is not None and x.dim() == 2 and x.dtype == routed.dtype == shared.dtype == shared_gate.dtype
+            and x.is_contiguous() and routed.is_contiguous() and shared.is_contiguous())
 
 
 def route(router_logits: Tensor, k: int) -> tuple[Tensor, Tensor]:

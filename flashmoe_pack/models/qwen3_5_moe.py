@@ -20,7 +20,7 @@ from torch import Tensor
 from flashmoe_pack.models import register
 from flashmoe_pack.models.layers import (
     KVCache,
-    add_moe,
+    add_moe_rms_norm,
     add_rms_norm,
     attention,
     conv_silu_,
@@ -354,9 +354,11 @@ class Qwen35MoeModel:
             positions = pos if pos is not None else torch.arange(state.pos, state.pos + ids.shape[0],
                                                                  device=self.device)
             cos, sin = rope_cos_sin(positions, self.inv_freq, self.dtype)  # [T, rotary_dim]
+        h = None  # the layer's normed input, where the previous layer's last launch computed it
         for i, (kind, w) in enumerate(zip(c.layer_types, self.layers)):
-            with section("other", i):
-                h = rms_norm(x, w["input_layernorm.weight"], c.rms_norm_eps)  # [T, H]
+            if h is None:
+                with section("other", i):
+                    h = rms_norm(x, w["input_layernorm.weight"], c.rms_norm_eps)  # [T, H]
             if kind == "linear_attention":
                 with section("linear_attn", i):
                     h = self._linear_attn(i, w, h, state)
@@ -389,14 +391,17 @@ class Qwen35MoeModel:
                                     down)
                 if shared_gate is None:
                     shared_gate = linear(h, w["mlp.shared_expert_gate.weight"])
-                x = add_moe(x, routed, shared, shared_gate)
+                # the residual sum, and the next layer's input norm of it (after the last layer: the final norm)
+                nxt = self.layers[i + 1]["input_layernorm.weight"] if i + 1 < len(self.layers) else self.final_norm
+                x, h = add_moe_rms_norm(x, routed, shared, shared_gate, nxt, c.rms_norm_eps)
         if pos is None:
             state.pos += ids.shape[0]
         with section("other", -1):
+            if h is None:  # (no layers)
+                h = rms_norm(x, self.final_norm, c.rms_norm_eps)
             if last_only:  # generation needs one row: skip T-1 rows of the [T, vocab] head
-                x = x[-1:]
-            x = rms_norm(x, self.final_norm, c.rms_norm_eps)
-            return linear(x, self.lm_head, out_dtype=torch.float32)  # [T, V] (or [1, V])
+                h = h[-1:]
+            return linear(h, self.lm_head, out_dtype=torch.float32)  # [T, V] (or [1, V])
 
     def _linear_attn(self, i: int, w: dict[str, Tensor], x: Tensor, state: Qwen35MoeState) -> Tensor:
         """Gated DeltaNet: short causal conv over q/k/v, then the gated delta rule, gated norm, out proj."""
